@@ -1,0 +1,1 @@
+"""Sample data, activation statistics and Q/DQ emission for INT8; imports runtime/."""

@@ -1,0 +1,1 @@
+"""Engine builders (ONNX Runtime, TensorRT) and accuracy verification; imports runtime/."""

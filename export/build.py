@@ -1,0 +1,180 @@
+"""The build conductor: `python -m export.build --model M --precision P --out DIR --backend B`.
+
+It only parses flags into frozen config objects, runs the stages in order (reusing any finished stage
+whose artifact id already exists in the store), and prints the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export import onnx_export
+from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from runtime import artifact as artifacts
+from runtime.errors import (EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError)
+
+# Precisions this version builds. int8 and friends arrive with calibration, float16 with the engines.
+PRECISIONS = ("fp32",)
+BACKENDS = ("auto", "ort", "trt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    # What to export: 'default' (SmolLM2-135M-Instruct from PyPI), a local folder, a .gguf file or a hub id.
+    model: str = DEFAULT_MODEL
+    # Numeric precision of the engine; every precision shares the fp32 export.
+    precision: str = "fp32"
+    # The artifact store: every stage writes its artifact folder here, and finished ones are reused.
+    out: Path = Path("artifacts")
+    # Engine backend: 'auto' picks TensorRT when a GPU and TensorRT exist, else ONNX Runtime.
+    backend: str = "auto"
+    # Run Python code shipped with a hub model; off, since it executes someone else's code.
+    trust_remote_code: bool = False
+    export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    artifact: artifacts.Artifact
+    seconds: float
+    reused: bool
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    parser = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'default', a Hugging Face folder, a .gguf file, or a hub id")
+    parser.add_argument("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)}")
+    parser.add_argument("--out", default="artifacts", help="artifact store folder (default: ./artifacts)")
+    parser.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a hub model's own Python code to run")
+    args = parser.parse_args(argv)
+    if args.precision not in PRECISIONS:
+        raise BadInputError(f"unknown precision {args.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if args.backend not in BACKENDS:
+        raise BadInputError(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return BuildConfig(model=args.model, precision=args.precision, out=Path(args.out), backend=args.backend,
+                       trust_remote_code=args.trust_remote_code)
+
+
+def check_writable(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"--out {folder} is a file, not a folder; pass a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BadInputError(f"cannot write to --out {folder} ({exc.strerror or exc}); choose a writable folder") from None
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why). TensorRT needs both its Python package and an NVIDIA GPU."""
+    missing = [what for what, ok in (("the tensorrt package", _has_module("tensorrt")),
+                                     ("an NVIDIA GPU", _has_nvidia_gpu())) if not ok]
+    if requested == "trt" and missing:
+        raise LmforgeError(f"--backend trt needs {' and '.join(missing)}, which this machine lacks; use "
+                           "--backend ort or auto", exit_code=EXIT_BACKEND_UNAVAILABLE)
+    if requested == "auto":
+        if missing:
+            return "ort", f"no {' and no '.join(m.split(' ', 1)[1] for m in missing)}: ONNX Runtime"
+        return "trt", "TensorRT and an NVIDIA GPU found"
+    return requested, "requested"
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _has_nvidia_gpu() -> bool:
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_export(config: BuildConfig) -> StageResult:
+    started = time.perf_counter()
+    progress(f"[export] resolving model {config.model!r}")
+    source = resolve(config.model, trust_remote_code=config.trust_remote_code)
+    stage_config = onnx_export.stage_config(config.export)
+    versions = artifacts.tool_versions()
+    ident = artifacts.artifact_id(source.fingerprint, onnx_export.STAGE, stage_config, versions)
+    found = artifacts.find(config.out, onnx_export.STAGE, ident)
+    if found is not None:
+        progress(f"[export] reusing {found.path}")
+        return StageResult(onnx_export.STAGE, found, time.perf_counter() - started, reused=True)
+    progress(f"[export] loading {source.model_type} model from {source.location}")
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    progress("[export] torch.onnx.export (dynamo) with KV cache, then parity against PyTorch")
+    with artifacts.ArtifactWriter(config.out, onnx_export.STAGE, ident, source.fingerprint,
+                                  stage_config | {"model": source.spec}) as writer:
+        result = onnx_export.run(model, tokenizer, writer, config.export)
+    progress(f"[export] done in {time.perf_counter() - started:.1f}s -> {result.path}")
+    return StageResult(onnx_export.STAGE, result, time.perf_counter() - started, reused=False)
+
+
+def summary_table(results: list[StageResult]) -> str:
+    rows = [("stage", "artifact", "size", "time", "parity")]
+    for r in results:
+        parity = r.artifact.metrics.get("parity")
+        parity_text = (f"max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
+                       f"{parity['greedy_matching']}/{parity['greedy_tokens']}") if parity else "-"
+        rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), parity_text))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def build(config: BuildConfig) -> list[StageResult]:
+    check_writable(config.out)
+    artifacts.remove_stale_temporaries(config.out)
+    backend, why = choose_backend(config.backend)
+    progress(f"[build] backend {backend} ({why})")
+    return [run_export(config)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = Path("artifacts")
+    try:
+        config = parse_args(argv)
+        out = config.out
+        results = build(config)
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept and will be reused", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything unexpected: one line here, the traceback in a log file
+        log = _write_crash_log(out)
+        print(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    print(summary_table(results))
+    print(f"\nartifact: {results[-1].artifact.path}")
+    return 0
+
+
+def _write_crash_log(out: Path) -> Path:
+    folder = out if out.is_dir() and os.access(out, os.W_OK) else Path(tempfile.gettempdir())
+    log = folder / "lmforge-error.log"
+    log.write_text(traceback.format_exc())
+    return log
+
+
+if __name__ == "__main__":
+    sys.exit(main())

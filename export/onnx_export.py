@@ -1,0 +1,256 @@
+"""The export stage: a PyTorch causal LM → one ONNX graph with a KV cache (the ONNX contract in ARCHITECTURE.md),
+checked against PyTorch before it becomes an artifact."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.artifact import Artifact, ArtifactWriter
+from runtime.errors import AccuracyError
+
+MODEL_FILE = "model.onnx"
+STAGE = "export"
+PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village,"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # Opset 18 keeps attention as primitive ops with Concat KV: ONNX Runtime and every TensorRT 10.x/11.x
+    # parse it, while opset >= 23 may fuse SDPA into an `Attention` node whose KV inputs TensorRT rejects.
+    opset: int = 18
+    # Max |logits_onnx - logits_torch| allowed over the prefill and decode steps; fp32 export noise is ~1e-4.
+    parity_atol: float = 1e-3
+    # Decode steps whose logits are compared after the prefill.
+    parity_decode_steps: int = 8
+    # Greedy tokens that must be identical between ONNX Runtime and PyTorch.
+    parity_greedy_tokens: int = 32
+    # Protobuf cannot hold more than 2 GiB, so larger weights go to an external data file beside the model.
+    external_data_threshold_bytes: int = 2 * 1024**3
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def kv_names(layers: int, name=past_name) -> list[str]:
+    return [name(i, kind) for i in range(layers) for kind in ("key", "value")]
+
+
+def _kv_cache_wrapper(model):
+    """A module with flat tensor inputs/outputs around the HF model, so the graph gets the Optimum names."""
+    import torch
+    from transformers import DynamicCache
+
+    class KVCacheWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            cache = DynamicCache(ddp_cache_data=pairs, config=self.inner.config)
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return KVCacheWrapper(model).eval()
+
+
+def cache_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv heads, head size), read from the cache a one-token forward pass actually produces."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    layers = out.past_key_values.layers
+    _, kv_heads, _, head_dim = layers[0].keys.shape
+    return len(layers), int(kv_heads), int(head_dim)
+
+
+def export_onnx(model, destination: Path, config: ExportConfig) -> None:
+    """torch.onnx.export(dynamo=True) with dynamic batch, sequence and past lengths (past 0 allowed)."""
+    import torch
+    from torch.export import Dim
+
+    layers, kv_heads, head_dim = cache_geometry(model)
+    # Example sizes are distinct and > 1 so the tracer keeps every axis symbolic.
+    batch, seq, past = 2, 3, 4
+    input_ids = torch.randint(0, min(model.config.vocab_size, 100), (batch, seq))
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
+    position_ids = torch.arange(past, past + seq).expand(batch, seq)
+    past_kv = tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers))
+
+    b, s, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: b, 2: p} for _ in range(2 * layers)),
+    }
+    program = torch.onnx.export(
+        _kv_cache_wrapper(model),
+        (input_ids, attention_mask, position_ids, past_kv),
+        dynamic_shapes=dynamic_shapes,
+        input_names=["input_ids", "attention_mask", "position_ids", *kv_names(layers)],
+        output_names=["logits", *kv_names(layers, present_name)],
+        opset_version=config.opset,
+        dynamo=True,
+        verbose=False,
+    )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(destination), external_data=weight_bytes > config.external_data_threshold_bytes)
+
+
+def describe_io(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of the graph: name, element type and symbolic shape."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+
+    def entry(value_info) -> dict[str, Any]:
+        tensor = value_info.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        return {"name": value_info.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                "shape": shape}
+
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+
+
+def model_facts(model, tokenizer) -> dict[str, Any]:
+    """What the runtime needs to drive the graph without transformers."""
+    config = model.config.get_text_config()
+    layers, kv_heads, head_dim = cache_geometry(model)
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) or config.eos_token_id
+    bos = getattr(generation, "bos_token_id", None) or config.bos_token_id
+    return {
+        "model_type": config.model_type,
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "attention_heads": config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "bos_token_id": bos,
+        "eos_token_ids": eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+        "max_context": getattr(config, "max_position_embeddings", None),
+        "tokenizer": tokenizer is not None,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def parity_prompt_ids(tokenizer, vocab_size: int) -> np.ndarray:
+    if tokenizer is not None:
+        ids = tokenizer(PARITY_PROMPT)["input_ids"]
+    else:
+        ids = [(7 * i + 3) % vocab_size for i in range(16)]
+    return np.asarray([ids], dtype=np.int64)
+
+
+def torch_greedy(model, prompt: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and per-step last-position logits from PyTorch with its own KV cache."""
+    import torch
+
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
+        for _ in range(steps):
+            last = out.logits[0, -1].numpy()
+            logits.append(last)
+            tokens.append(int(last.argmax()))
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logits
+
+
+def onnxruntime_greedy(onnx_path: Path, facts: dict, prompt: np.ndarray, steps: int
+                       ) -> tuple[list[int], list[np.ndarray]]:
+    """The same loop through onnxruntime's Python API on the exported graph (prefill with past length 0)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    layers = facts["layers"]
+    past = [np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)] * (2 * layers)
+    ids, done = prompt, 0
+    tokens, logits = [], []
+    for _ in range(steps):
+        length = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, done + length), np.int64),
+                 "position_ids": np.arange(done, done + length, dtype=np.int64)[None]}
+        feeds |= dict(zip(kv_names(layers), past))
+        outputs = session.run(None, feeds)
+        done += length
+        past = outputs[1:]
+        logits.append(outputs[0][0, -1])
+        tokens.append(int(logits[-1].argmax()))
+        ids = np.asarray([[tokens[-1]]], dtype=np.int64)
+    return tokens, logits
+
+
+def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportConfig) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch: max |logits diff| over prefill + decode steps, and greedy tokens."""
+    prompt = parity_prompt_ids(tokenizer, facts["vocab_size"])
+    ort_tokens, ort_logits = onnxruntime_greedy(onnx_path, facts, prompt, config.parity_greedy_tokens)
+    ref_tokens, ref_logits = torch_greedy(model, prompt, config.parity_greedy_tokens)
+    compared = config.parity_decode_steps + 1  # the prefill, then the decode steps
+    max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits[:compared], ref_logits[:compared]))
+    same = sum(1 for a, b in zip(ort_tokens, ref_tokens) if a == b)
+    first_mismatch = next((i for i, (a, b) in enumerate(zip(ort_tokens, ref_tokens)) if a != b), None)
+    return {
+        "max_abs_logits_diff": max_diff,
+        "steps_compared": compared,
+        "greedy_tokens": len(ref_tokens),
+        "greedy_tokens_identical": first_mismatch is None,
+        "greedy_first_mismatch": first_mismatch,
+        "greedy_matching": same,
+        "passed": max_diff <= config.parity_atol and first_mismatch is None,
+    }
+
+
+def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig) -> Artifact:
+    """Export into the writer's folder, check parity, and commit the artifact (or fail with exit code 3)."""
+    started = time.perf_counter()
+    onnx_path = writer.dir / MODEL_FILE
+    export_onnx(model, onnx_path, config)
+    export_seconds = time.perf_counter() - started
+    _check_model(onnx_path)
+    facts = model_facts(model, tokenizer)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(writer.dir)
+    parity = check_parity(model, onnx_path, facts, tokenizer, config)
+    if not parity["passed"]:
+        raise AccuracyError(
+            f"exported ONNX disagrees with PyTorch: max |logits diff| {parity['max_abs_logits_diff']:.2e} "
+            f"(limit {config.parity_atol:.0e}), first differing greedy token at step "
+            f"{parity['greedy_first_mismatch']}; report this model and your torch/transformers versions")
+    metrics = {
+        "parity": parity,
+        "export_seconds": round(export_seconds, 2),
+        "stage_seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    io = describe_io(onnx_path) | {"model": facts}
+    return writer.commit(io=io, metrics=metrics, precision="fp32")
+
+
+def _check_model(onnx_path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(onnx_path))
+
+
+def stage_config(config: ExportConfig) -> dict[str, Any]:
+    return asdict(config)
