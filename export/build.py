@@ -18,7 +18,7 @@ from pathlib import Path
 from export import onnx_export
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
-from runtime.errors import (EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError)
+from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 
 # Precisions this version builds. int8 and friends arrive with calibration, float16 with the engines.
 PRECISIONS = ("fp32",)
@@ -74,7 +74,8 @@ def check_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise BadInputError(f"cannot write to --out {folder} ({exc.strerror or exc}); choose a writable folder") from None
+        reason = exc.strerror or exc
+        raise BadInputError(f"cannot write to --out {folder} ({reason}); choose a writable folder") from None
 
 
 def choose_backend(requested: str) -> tuple[str, str]:

@@ -122,14 +122,14 @@ def _gguf_file(spec: str, path: Path, trust_remote_code: bool) -> ModelSource:
 
 def _hub_model(spec: str, trust_remote_code: bool) -> ModelSource:
     from huggingface_hub import model_info
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = model_info(spec)
     except RepositoryNotFoundError:
         raise BadInputError(f"{spec} is neither a local path nor a model on the Hugging Face Hub; check the "
                             "name, or pass a local folder, a .gguf file, or 'default'") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # offline mode, DNS failure, HTTP errors: the Hub cannot be reached
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInputError(f"cannot reach the Hugging Face Hub for {spec} ({reason}); connect to the network, "
                             "or download the model and pass its local folder") from None

@@ -3,8 +3,11 @@ checked against PyTorch before it becomes an artifact."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,22 @@ def cache_geometry(model) -> tuple[int, int, int]:
     return len(layers), int(kv_heads), int(head_dim)
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter's warnings (missing torchvision ops, deprecations inside torch) say nothing to our users."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def export_onnx(model, destination: Path, config: ExportConfig) -> None:
     """torch.onnx.export(dynamo=True) with dynamic batch, sequence and past lengths (past 0 allowed)."""
     import torch
@@ -100,16 +119,17 @@ def export_onnx(model, destination: Path, config: ExportConfig) -> None:
         "position_ids": {0: b, 1: s},
         "past": tuple({0: b, 2: p} for _ in range(2 * layers)),
     }
-    program = torch.onnx.export(
-        _kv_cache_wrapper(model),
-        (input_ids, attention_mask, position_ids, past_kv),
-        dynamic_shapes=dynamic_shapes,
-        input_names=["input_ids", "attention_mask", "position_ids", *kv_names(layers)],
-        output_names=["logits", *kv_names(layers, present_name)],
-        opset_version=config.opset,
-        dynamo=True,
-        verbose=False,
-    )
+    with quiet_exporter():
+        program = torch.onnx.export(
+            _kv_cache_wrapper(model),
+            (input_ids, attention_mask, position_ids, past_kv),
+            dynamic_shapes=dynamic_shapes,
+            input_names=["input_ids", "attention_mask", "position_ids", *kv_names(layers)],
+            output_names=["logits", *kv_names(layers, present_name)],
+            opset_version=config.opset,
+            dynamo=True,
+            verbose=False,
+        )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(destination), external_data=weight_bytes > config.external_data_threshold_bytes)
 

@@ -1,0 +1,54 @@
+"""The import rules of ARCHITECTURE.md, checked on the source so the picture cannot drift from the code."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+# package -> top-level modules it must never import
+FORBIDDEN = {
+    "runtime": {"torch", "transformers", "export", "calibration", "engines", "onnx", "onnx_ir", "onnxscript"},
+    "engines": {"export", "calibration"},
+    "calibration": {"export", "engines"},
+}
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_only_what_the_architecture_allows(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, f"{package}/ has no Python files"
+    for file in files:
+        bad = imported_top_levels(file) & FORBIDDEN[package]
+        assert not bad, f"{file.relative_to(REPO)} imports {sorted(bad)}, which {package}/ must not"
+
+
+def test_importing_the_runtime_loads_no_torch():
+    modules = [f"runtime.{p.stem}" for p in (REPO / "runtime").glob("*.py") if p.stem != "__main__"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+            "heavy = ('torch', 'transformers', 'export', 'calibration', 'engines')\n"
+            "bad = sorted(m for m in heavy if m in sys.modules)\n"
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_code_passes_ruff():
+    ruff = pytest.importorskip("ruff")
+    del ruff
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
