@@ -128,13 +128,15 @@ def run_export(config: BuildConfig) -> StageResult:
 
 
 def summary_table(results: list[StageResult]) -> str:
-    rows = [("stage", "artifact", "size", "time", "parity")]
+    rows = [("stage", "artifact", "size", "time", "peak RSS", "parity")]
     for r in results:
-        parity = r.artifact.metrics.get("parity")
+        metrics = r.artifact.metrics
+        parity = metrics.get("parity")
         parity_text = (f"max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
                        f"{parity['greedy_matching']}/{parity['greedy_tokens']}") if parity else "-"
+        rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), parity_text))
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, parity_text))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
