@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import Artifact, ArtifactWriter
+from runtime.baselines import plain_greedy, plain_session
 from runtime.errors import AccuracyError
 
 MODEL_FILE = "model.onnx"
@@ -195,34 +196,11 @@ def torch_greedy(model, prompt: np.ndarray, steps: int) -> tuple[list[int], list
     return tokens, logits
 
 
-def onnxruntime_greedy(onnx_path: Path, facts: dict, prompt: np.ndarray, steps: int
-                       ) -> tuple[list[int], list[np.ndarray]]:
-    """The same loop through onnxruntime's Python API on the exported graph (prefill with past length 0)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    layers = facts["layers"]
-    past = [np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)] * (2 * layers)
-    ids, done = prompt, 0
-    tokens, logits = [], []
-    for _ in range(steps):
-        length = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, done + length), np.int64),
-                 "position_ids": np.arange(done, done + length, dtype=np.int64)[None]}
-        feeds |= dict(zip(kv_names(layers), past))
-        outputs = session.run(None, feeds)
-        done += length
-        past = outputs[1:]
-        logits.append(outputs[0][0, -1])
-        tokens.append(int(logits[-1].argmax()))
-        ids = np.asarray([[tokens[-1]]], dtype=np.int64)
-    return tokens, logits
-
-
 def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportConfig) -> dict[str, Any]:
     """ONNX Runtime against PyTorch: max |logits diff| over prefill + decode steps, and greedy tokens."""
     prompt = parity_prompt_ids(tokenizer, facts["vocab_size"])
-    ort_tokens, ort_logits = onnxruntime_greedy(onnx_path, facts, prompt, config.parity_greedy_tokens)
+    ort_run = plain_greedy(plain_session(onnx_path), facts, prompt, config.parity_greedy_tokens)
+    ort_tokens, ort_logits = ort_run.tokens, ort_run.last_logits
     ref_tokens, ref_logits = torch_greedy(model, prompt, config.parity_greedy_tokens)
     compared = config.parity_decode_steps + 1  # the prefill, then the decode steps
     max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits[:compared], ref_logits[:compared]))

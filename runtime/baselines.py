@@ -1,0 +1,58 @@
+"""The plain onnxruntime-Python loop: the same graph driven the way most users first write it
+(`InferenceSession.run` with numpy feeds, the cache copied back through Python each step). It is the
+baseline the C-API session must not be slower than, and the reference its logits are checked against."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class LoopRun:
+    tokens: list[int] = field(default_factory=list)
+    last_logits: list[np.ndarray] = field(default_factory=list)  # logits of the last position, per step
+    ttft_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+
+
+def kv_input_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def plain_session(model_path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def plain_greedy(session, facts: dict, prompt: np.ndarray, steps: int) -> LoopRun:
+    """Greedy decoding of one prompt [1, length] for `steps` tokens, prefill with past length 0."""
+    names = kv_input_names(facts["layers"])
+    past = [np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)] * len(names)
+    ids, done = np.asarray(prompt, dtype=np.int64).reshape(1, -1), 0
+    run = LoopRun()
+    for _ in range(steps):
+        started = time.perf_counter()
+        length = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, done + length), np.int64),
+                 "position_ids": np.arange(done, done + length, dtype=np.int64)[None]}
+        feeds |= dict(zip(names, past))
+        logits, *past = session.run(None, feeds)
+        done += length
+        run.last_logits.append(logits[0, -1])
+        run.tokens.append(int(logits[0, -1].argmax()))
+        ids = np.asarray([[run.tokens[-1]]], dtype=np.int64)
+        elapsed = (time.perf_counter() - started) * 1000
+        if len(run.tokens) == 1:
+            run.ttft_ms = elapsed
+        else:
+            run.step_ms.append(elapsed)
+    return run

@@ -1,0 +1,211 @@
+"""`python -m runtime.bench ARTIFACT --prompt-len 128 --gen-len 128 --runs 5 [--baselines]`
+
+Token latency of the artifact through this runtime. With `--baselines`, the same graph through the plain
+onnxruntime-Python loop is measured in the same process, runs alternated with ours so both see the same
+machine state; PyTorch eager (transformers `generate`) is measured afterwards in a subprocess when torch is
+installed. Each baseline is printed as a ratio to this runtime. Warm-up runs are kept apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime import artifact as artifacts
+from runtime.baselines import plain_greedy, plain_session
+from runtime.errors import LmforgeError
+from runtime.generate import GenerationConfig, generate
+from runtime.report import percentile
+from runtime.session import SessionOptions
+from runtime.session import open as open_session
+
+THIS = "lmforge"
+SAMPLE_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
+               "including both the natural and social sciences. Science is a body of empirical, theoretical, "
+               "and practical knowledge about the natural world, produced by scientists who emphasize the "
+               "observation, explanation, and prediction of real-world phenomena. ")
+
+Run = tuple[float, list[float]]  # (TTFT ms, decode step ms)
+
+
+@dataclass
+class Measurements:
+    name: str
+    warmup: list[Run] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        steps = [ms for _, run_steps in self.runs for ms in run_steps]
+        ttft = [t for t, _ in self.runs]
+        generated = 1 + (len(self.runs[0][1]) if self.runs else 0)
+        total_s = np.median([(t + sum(s)) / 1000 for t, s in self.runs]) if self.runs else float("nan")
+        return {
+            "ttft_ms": float(np.median(ttft)) if ttft else float("nan"),
+            "tpot_ms": {f"p{q}": percentile(steps, q) for q in (50, 90, 99)},
+            "tokens_per_second": generated / total_s,
+            "runs": len(self.runs),
+            "warmup": [{"ttft_ms": t, "tpot_ms_p50": percentile(s, 50)} for t, s in self.warmup],
+        }
+
+
+def prompt_ids(art: artifacts.Artifact, length: int) -> list[int]:
+    """A deterministic prompt of exactly `length` tokens: English text when the artifact has a tokenizer."""
+    if "tokenizer.json" in art.manifest["files"]:
+        from runtime.text import load_codec
+
+        codec = load_codec(art)
+        ids = codec.encode(SAMPLE_TEXT)
+        ids = (ids * (length // len(ids) + 1))[:length]
+        return ids
+    vocab = art.model_facts["vocab_size"]
+    return [(7 * i + 3) % vocab for i in range(length)]
+
+
+def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, threads: int) -> Callable[[], Run]:
+    session = open_session(art, SessionOptions(threads=threads))
+    # No stop tokens: every run generates exactly gen_len tokens, so runs are comparable.
+    config = GenerationConfig(max_new_tokens=gen_len, stop_token_ids=())
+
+    def run() -> Run:
+        report = generate(session, [prompt], config).report
+        return report.ttft_ms, report.step_ms
+
+    return run
+
+
+def plain_onnxruntime(art: artifacts.Artifact, prompt: list[int], gen_len: int, threads: int) -> Callable[[], Run]:
+    session = plain_session(art.file("model.onnx"), threads)
+    ids = np.asarray([prompt], dtype=np.int64)
+
+    def run() -> Run:
+        result = plain_greedy(session, art.model_facts, ids, gen_len)
+        return result.ttft_ms, result.step_ms
+
+    return run
+
+
+def pytorch_eager(art: artifacts.Artifact, prompt: list[int], gen_len: int, runs: int, threads: int
+                  ) -> Measurements | None:
+    """transformers generate in a subprocess (the runtime never imports torch); None without torch."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("export") is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompt, f)
+    try:
+        cmd = [sys.executable, "-m", "export.torch_baseline", str(art.path), f.name, "--gen-len", str(gen_len),
+               "--runs", str(runs), "--threads", str(threads)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if result.returncode != 0:
+        print(f"warning: PyTorch baseline failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return Measurements("pytorch-eager", warmup=[(data["warmup"]["ttft_ms"], data["warmup"]["step_ms"])],
+                        runs=[(r["ttft_ms"], r["step_ms"]) for r in data["runs"]])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_growth(run: Callable[[], Run], gen_len: int, tokens: int) -> dict:
+    """RSS before and after generating `tokens` tokens in runs of gen_len (after warm-up)."""
+    before = rss_mb()
+    generated = 0
+    while generated < tokens:
+        generated += 1 + len(run()[1])
+    after = rss_mb()
+    return {"tokens": generated, "rss_before_mb": before, "rss_after_mb": after,
+            "growth_percent": 100 * (after - before) / before}
+
+
+def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, threads: int, warmup: int,
+            baselines: bool, rss_tokens: int) -> dict:
+    prompt = prompt_ids(art, prompt_len)
+    runners = {THIS: this_runtime(art, prompt, gen_len, threads)}
+    if baselines:
+        runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
+    results = {name: Measurements(name) for name in runners}
+    for name, run in runners.items():
+        results[name].warmup = [run() for _ in range(warmup)]
+    for _ in range(runs):  # alternate, so drift in machine state hits every runner alike
+        for name, run in runners.items():
+            results[name].runs.append(run())
+    report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "prompt_len": prompt_len,
+              "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()}}
+    if baselines:
+        eager = pytorch_eager(art, prompt, gen_len, runs, threads)
+        if eager is not None:
+            report["runners"][eager.name] = eager.summary()
+    report["ratios"] = ratios(report["runners"])
+    if rss_tokens:
+        report["rss"] = rss_growth(runners[THIS], gen_len, rss_tokens)
+    return report
+
+
+def ratios(runners: dict) -> dict:
+    """This runtime ÷ each baseline, for median TTFT and median TPOT (below 1.0: we are faster)."""
+    ours = runners[THIS]
+    return {name: {"ttft": ours["ttft_ms"] / other["ttft_ms"], "tpot": ours["tpot_ms"]["p50"] / other["tpot_ms"]["p50"]}
+            for name, other in runners.items() if name != THIS}
+
+
+def table(report: dict) -> str:
+    rows = [("runner", "TTFT ms", "TPOT p50", "p90", "p99", "tok/s", "ours÷it TTFT", "ours÷it TPOT")]
+    for name, s in report["runners"].items():
+        ratio = report["ratios"].get(name)
+        rows.append((name, f"{s['ttft_ms']:.1f}", f"{s['tpot_ms']['p50']:.2f}", f"{s['tpot_ms']['p90']:.2f}",
+                     f"{s['tpot_ms']['p99']:.2f}", f"{s['tokens_per_second']:.1f}",
+                     f"{ratio['ttft']:.2f}" if ratio else "-", f"{ratio['tpot']:.2f}" if ratio else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    if "rss" in report:
+        rss = report["rss"]
+        lines.append(f"RSS over {rss['tokens']} generated tokens: {rss['rss_before_mb']:.0f} -> "
+                     f"{rss['rss_after_mb']:.0f} MB ({rss['growth_percent']:+.2f}%)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--baselines", action="store_true",
+                        help="also measure the plain onnxruntime-Python loop and PyTorch eager")
+    parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
+    parser.add_argument("--json", default="bench.json", help="where to write the full report")
+    args = parser.parse_args(argv)
+    try:
+        if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
+            raise LmforgeError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
+        art = artifacts.load(args.artifact)
+        report = measure(art, args.prompt_len, args.gen_len, args.runs, args.threads, args.warmup,
+                         args.baselines, args.rss_tokens)
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(table(report))
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"\nfull report: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

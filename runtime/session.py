@@ -1,0 +1,122 @@
+"""The Session: the runtime's view of one engine. The KV cache lives inside it.
+
+`open(artifact)` picks the implementation from the manifest's backend. Every backend shares the input
+checks and the bookkeeping of attention mask and positions (`CacheState`), so the generation loop drives
+all of them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime import artifact as artifacts
+from runtime.errors import BadInputError, LmforgeError
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    # Intra-op threads; decode of a small model is latency-bound, so all cores of one socket by default.
+    threads: int = os.cpu_count() or 1
+    # Execution provider: 'cpu' (the one every onnxruntime wheel has).
+    provider: str = "cpu"
+    # Path of the ONNX Runtime shared library; None finds the installed one (runtime.ort_capi.find_library).
+    library: str | None = None
+
+
+class Session(Protocol):
+    """prefill/decode return logits [batch, sequence, vocab] as a view that is valid until the next call."""
+
+    artifact: artifacts.Artifact
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray: ...
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SessionClosedError(LmforgeError):
+    pass
+
+
+@dataclass
+class CacheState:
+    """Attention mask and next positions of the sequences in the cache (left padding allowed)."""
+
+    mask: np.ndarray  # [batch, total] int64, 0 on left padding
+    next_position: np.ndarray  # [batch] int64
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+def check_prompt(input_ids, attention_mask, facts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a prefill batch; returns (input_ids, attention_mask) as contiguous int64 [batch, sequence]."""
+    ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise BadInputError("empty prompt: pass at least one token")
+    mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise BadInputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if (mask.sum(axis=1) == 0).any():
+        raise BadInputError("empty prompt: a sequence in the batch has no tokens")
+    check_token_ids(ids[mask.astype(bool)], facts)
+    check_context(ids.shape[1], facts)
+    return ids, mask
+
+
+def check_token_ids(ids: np.ndarray, facts: dict) -> None:
+    vocab = facts["vocab_size"]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min() if ids.min() < 0 else ids.max())
+        raise BadInputError(f"token id {bad} is outside the vocabulary [0, {vocab}); encode text with the "
+                            "artifact's tokenizer")
+
+
+def check_context(total: int, facts: dict) -> None:
+    limit = facts.get("max_context")
+    if limit and total > limit:
+        raise BadInputError(f"{total} tokens exceed the model's context of {limit}; shorten the prompt or "
+                            "generate fewer tokens")
+
+
+def prefill_state(mask: np.ndarray) -> tuple[CacheState, np.ndarray]:
+    """State after a prefill, and the position ids of the prompt (counted from each row's first real token)."""
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    return CacheState(mask=mask, next_position=positions[:, -1] + 1), positions
+
+
+def decode_step(state: CacheState, tokens, facts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids [batch, 1], attention_mask [batch, total+1], position_ids [batch, 1]) for one decode step."""
+    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
+    if ids.shape[0] != state.mask.shape[0]:
+        raise BadInputError(f"decode got {ids.shape[0]} tokens for a batch of {state.mask.shape[0]}")
+    check_token_ids(ids, facts)
+    check_context(state.length + 1, facts)
+    state.mask = np.concatenate([state.mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+    positions = state.next_position[:, None].copy()
+    state.next_position = state.next_position + 1
+    return ids, state.mask, positions
+
+
+def open(artifact: str | os.PathLike | artifacts.Artifact, options: SessionOptions | None = None,
+         verify: bool = True) -> Session:
+    """A Session over the artifact's engine, chosen by the manifest's backend (ONNX Runtime by default)."""
+    art = artifact if isinstance(artifact, artifacts.Artifact) else artifacts.load(Path(artifact), verify=verify)
+    backend = art.manifest.get("backend") or "ort"
+    if backend == "ort":
+        from runtime.ort_session import OrtSession
+
+        return OrtSession(art, options or SessionOptions())
+    raise BadInputError(f"artifact {art.path} has backend {backend!r}, which this runtime cannot open; "
+                        "rebuild it with --backend ort")
