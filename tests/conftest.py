@@ -28,13 +28,27 @@ def tiny_model_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_export(tiny_model_factory, tmp_path_factory):
-    """One exported tiny Llama artifact, shared by the tests that only read it."""
+def export_factory(tiny_model_factory, tmp_path_factory):
+    """Export each tiny model once per test session (into one shared store); returns its artifact."""
     from export.build import BuildConfig, build
 
     store = tmp_path_factory.mktemp("store")
-    results = build(BuildConfig(model=str(tiny_model_factory("llama")), out=store))
-    return results[-1].artifact
+    exported = {}
+
+    def factory(arch: str):
+        if arch not in exported:
+            exported[arch] = build(BuildConfig(model=str(tiny_model_factory(arch)), out=store))[-1].artifact
+        return exported[arch]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """The default model exported once per test session (slow: only for tests marked slow)."""
+    from export.build import BuildConfig, build
+
+    return build(BuildConfig(out=tmp_path_factory.mktemp("default-store")))[-1].artifact
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

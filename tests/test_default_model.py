@@ -6,13 +6,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def default_export(tmp_path_factory):
-    from export.build import BuildConfig, build
-
-    return build(BuildConfig(out=tmp_path_factory.mktemp("store")))[-1].artifact
-
-
 def test_default_model_is_cached_as_float32_safetensors():
     from export.models import SMOLLM2, cache_dir, ensure_default_model
 
@@ -48,3 +41,55 @@ def test_default_model_speaks_english(default_export):
              "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]} | dict(zip(kv_names(facts["layers"]), past))
     logits = session.run(["logits"], feeds)[0]
     assert tokenizer.decode([int(logits[0, -1].argmax())]).strip() == "Paris"
+
+
+def test_runtime_greedy_equals_transformers_generate_for_64_tokens(default_export):
+    import torch
+    from transformers import AutoTokenizer
+
+    from export.models import ensure_default_model, load_model, resolve
+    from runtime.generate import GenerationConfig, generate
+    from runtime.session import open as open_session
+    from runtime.text import load_codec
+
+    codec = load_codec(default_export)
+    prompt = codec.encode(codec.render_chat([{"role": "user", "content": "Write a short story about a robot."}]))
+    with open_session(default_export) as session:
+        ours = generate(session, prompt, GenerationConfig(max_new_tokens=64, stop_token_ids=())).tokens[0]
+
+    folder = ensure_default_model()
+    model = load_model(resolve(str(folder)))
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
+    # The chat template rendered by jinja2 here is the one transformers renders.
+    hf = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "Write a short story about a robot."}]
+    assert codec.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_runtime_logits_match_onnxruntime_python_on_the_default_model(default_export):
+    from runtime.baselines import plain_greedy, plain_session
+    from runtime.session import open as open_session
+
+    prompt = np.arange(1000, 1040)[None]
+    reference = plain_greedy(plain_session(default_export.file("model.onnx")), default_export.model_facts, prompt, 6)
+    with open_session(default_export) as session:
+        logits = session.prefill(prompt)
+        for step, expected in enumerate(reference.last_logits):
+            if step:
+                logits = session.decode([reference.tokens[step - 1]])
+            assert np.abs(logits[0, -1] - expected).max() < 1e-5
+
+
+def test_generate_cli_streams_an_answer(default_export):
+    from conftest import run_cli
+
+    result = run_cli("runtime.generate", str(default_export.path), "What is the capital of France?",
+                     "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "TTFT" in result.stderr.strip().splitlines()[-1]

@@ -8,7 +8,6 @@ import torch
 from tiny_models import TINY_CONFIGS
 
 from export import onnx_export
-from export.build import BuildConfig, build
 from export.models import load_model, resolve
 from runtime import artifact as artifacts
 
@@ -27,9 +26,8 @@ def feeds_for(ids, past, start):
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
-def test_every_family_exports_to_the_contract_and_passes_parity(arch, tiny_model_factory, tmp_path):
-    folder = tiny_model_factory(arch)
-    art = build(BuildConfig(model=str(folder), out=tmp_path))[-1].artifact
+def test_every_family_exports_to_the_contract_and_passes_parity(arch, export_factory):
+    art = export_factory(arch)
     facts = art.model_facts
     assert facts["model_type"] == arch and facts["layers"] == 2 and facts["vocab_size"] == 128
 
@@ -54,10 +52,10 @@ def test_every_family_exports_to_the_contract_and_passes_parity(arch, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_one_graph_serves_batched_prefill_from_empty_cache_and_decode(arch, tiny_model_factory, tmp_path):
+def test_one_graph_serves_batched_prefill_from_empty_cache_and_decode(arch, tiny_model_factory, export_factory):
     """Batch 2, past length 0, then a decode step: logits match PyTorch on both."""
     folder = tiny_model_factory(arch)
-    art = build(BuildConfig(model=str(folder), out=tmp_path))[-1].artifact
+    art = export_factory(arch)
     facts = art.model_facts
     session = ort.InferenceSession(str(art.file(onnx_export.MODEL_FILE)), providers=["CPUExecutionProvider"])
     model = load_model(resolve(str(folder)))

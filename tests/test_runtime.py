@@ -1,0 +1,221 @@
+"""The runtime: the C-API session, the generation loop, the latency report and the CLIs, on tiny models."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from tiny_models import TINY_CONFIGS
+
+from export.models import load_model, resolve
+from runtime import ort_capi
+from runtime.baselines import plain_greedy, plain_session
+from runtime.errors import ArtifactError, BadInputError
+from runtime.generate import GenerationConfig, generate
+from runtime.session import SessionClosedError, SessionOptions
+from runtime.session import open as open_session
+
+PROMPT = [5, 9, 13, 17, 21, 25, 29]
+GREEDY_64 = GenerationConfig(max_new_tokens=64, stop_token_ids=())
+
+
+def transformers_greedy(folder, prompt, new_tokens):
+    model = load_model(resolve(str(folder)))
+    model.generation_config.eos_token_id = None  # compare full-length runs; stop tokens are tested apart
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(export_factory):
+    return export_factory("llama")
+
+
+@pytest.fixture
+def session(llama):
+    with open_session(llama, SessionOptions(threads=2)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_greedy_equals_transformers_generate_for_64_tokens(arch, export_factory, tiny_model_factory):
+    art = export_factory(arch)
+    with open_session(art) as session:
+        ours = generate(session, PROMPT, GREEDY_64).tokens[0]
+    assert ours == transformers_greedy(tiny_model_factory(arch), PROMPT, 64)
+
+
+def test_logits_match_onnxruntime_python_api(session, llama):
+    reference = plain_greedy(plain_session(llama.file("model.onnx")), llama.model_facts, np.array([PROMPT]), 12)
+    logits = session.prefill(np.array([PROMPT]))
+    assert logits.shape == (1, len(PROMPT), 128)
+    for step, expected in enumerate(reference.last_logits):
+        if step:
+            logits = session.decode([reference.tokens[step - 1]])
+        assert np.abs(logits[0, -1] - expected).max() < 1e-5
+
+
+def test_seed_makes_sampling_repeatable(session):
+    config = GenerationConfig(max_new_tokens=24, temperature=1.5, top_p=0.95, seed=7, stop_token_ids=())
+    first = generate(session, PROMPT, config).tokens
+    assert generate(session, PROMPT, config).tokens == first
+    others = {tuple(generate(session, PROMPT, GenerationConfig(max_new_tokens=24, temperature=1.5, seed=s,
+                                                                stop_token_ids=())).tokens[0]) for s in range(4)}
+    assert len(others) > 1, "different seeds should give different samples"
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(session):
+    greedy = generate(session, PROMPT, GenerationConfig(max_new_tokens=16, stop_token_ids=())).tokens
+    for config in (GenerationConfig(max_new_tokens=16, temperature=1.0, top_k=1, seed=1, stop_token_ids=()),
+                   GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=1e-9, seed=1, stop_token_ids=())):
+        assert generate(session, PROMPT, config).tokens == greedy
+
+
+def test_batch_with_left_padding_matches_single_prompts(session):
+    prompts = [PROMPT, [40, 41, 42], [90, 3, 77, 64, 12]]
+    config = GenerationConfig(max_new_tokens=20, stop_token_ids=())
+    singles = [generate(session, p, config).tokens[0] for p in prompts]
+    batched = generate(session, prompts, config)
+    assert batched.tokens == singles
+    assert batched.report.batch == 3 and batched.report.prompt_tokens == len(PROMPT)
+
+
+def test_stop_tokens_end_a_sequence_and_the_callback_streams_in_order(session):
+    free = generate(session, PROMPT, GenerationConfig(max_new_tokens=30, stop_token_ids=())).tokens[0]
+    stop_at = free[5]
+    first_index = free.index(stop_at)
+    streamed = []
+    result = generate(session, PROMPT, GenerationConfig(max_new_tokens=30, stop_token_ids=(stop_at,)),
+                      on_token=lambda row, token: streamed.append((row, token)))
+    assert result.tokens[0] == free[: first_index + 1]
+    assert result.finish_reasons == ["stop"]
+    assert streamed == [(0, t) for t in result.tokens[0]]
+    assert generate(session, PROMPT, GenerationConfig(max_new_tokens=3, stop_token_ids=())).finish_reasons == ["length"]
+
+
+def test_latency_report_counts_and_serializes(session, llama):
+    report = generate(session, PROMPT, GenerationConfig(max_new_tokens=20, stop_token_ids=())).report
+    assert report.generated_tokens == 20 and len(report.step_ms) == 19
+    assert report.prompt_tokens == len(PROMPT) and report.engine_id == llama.id and report.backend == "ort"
+    tpot = report.tpot_ms
+    assert 0 < tpot["p50"] <= tpot["p90"] <= tpot["p99"] and report.ttft_ms > 0
+    data = json.loads(report.to_json())
+    assert data["tokens_per_second"] == pytest.approx(20 / (report.total_ms / 1000))
+    assert "TTFT" in report.one_line()
+
+
+def test_reset_starts_a_fresh_cache(session):
+    first = generate(session, PROMPT, GenerationConfig(max_new_tokens=8, stop_token_ids=())).tokens
+    session.prefill([1, 2, 3])
+    session.decode([4])
+    assert session.cache_length == 4
+    session.reset()
+    assert session.cache_length == 0
+    assert generate(session, PROMPT, GenerationConfig(max_new_tokens=8, stop_token_ids=())).tokens == first
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_bad_tokens_prompts_and_lengths_are_clear_errors(session):
+    with pytest.raises(BadInputError, match="token id 128 is outside the vocabulary"):
+        session.prefill([1, 128])
+    with pytest.raises(BadInputError, match="token id -1"):
+        session.prefill([-1, 3])
+    with pytest.raises(BadInputError, match="empty prompt"):
+        session.prefill([])
+    with pytest.raises(BadInputError, match="empty prompt"):
+        generate(session, [[1, 2], []])
+    with pytest.raises(BadInputError, match="exceed the model's context of 256"):
+        session.prefill(np.ones(257, dtype=np.int64))
+    with pytest.raises(BadInputError, match="exceed the model's context"):
+        generate(session, [1] * 200, GenerationConfig(max_new_tokens=100))
+    with pytest.raises(BadInputError, match="decode called before prefill"):
+        session.decode([1])
+
+
+def test_a_closed_session_refuses_work(llama):
+    session = open_session(llama)
+    session.close()
+    session.close()  # closing twice is harmless
+    with pytest.raises(SessionClosedError, match="session is closed"):
+        session.prefill([1, 2])
+
+
+def test_tampered_artifact_names_the_file(llama, tmp_path):
+    copy = shutil.copytree(llama.path, tmp_path / "copy")
+    with open(copy / "model.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(ArtifactError, match="model.onnx does not match its sha256"):
+        open_session(copy)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        open_session(tmp_path / "missing")
+
+
+def test_a_library_that_is_not_onnxruntime_or_too_old(monkeypatch):
+    libc = ort_capi.ctypes.util.find_library("c")
+    with pytest.raises(ort_capi.OrtLibraryError, match="is not ONNX Runtime"):
+        ort_capi.OrtApi(libc)
+    with pytest.raises(ort_capi.OrtLibraryError, match="cannot load ONNX Runtime library"):
+        ort_capi.OrtApi("/no/such/libonnxruntime.so")
+    monkeypatch.setattr(ort_capi, "ORT_API_VERSION", 10_000)
+    with pytest.raises(ort_capi.OrtLibraryError, match="too old"):
+        ort_capi.OrtApi(ort_capi.find_library())
+
+
+def test_ort_status_becomes_an_exception_with_the_message(llama):
+    api = ort_capi.load_api()
+    with pytest.raises(ort_capi.OrtError, match="NO_SUCHFILE|No such file|does not exist|Load model"):
+        api.out("CreateSession", ort_capi_env(api), b"/no/such/model.onnx", api.out("CreateSessionOptions"))
+
+
+def ort_capi_env(api):
+    from runtime.ort_session import shared_env
+
+    return shared_env(api)
+
+
+def test_generate_cli_errors_exit_2(llama, tmp_path):
+    result = run_cli("runtime.generate", str(tmp_path / "missing"), "hello")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("runtime.generate", str(llama.path), "hello")
+    assert result.returncode == 2 and "no tokenizer.json" in result.stderr
+    result = run_cli("runtime.generate", str(llama.path), "hello", env={ort_capi.LIBRARY_ENV: "/no/lib.so"})
+    assert result.returncode == 2 and "cannot load ONNX Runtime library" in result.stderr
+
+
+def test_bench_cli_measures_baseline_ratio_and_rss(llama, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("runtime.bench", str(llama.path), "--prompt-len", "16", "--gen-len", "32", "--runs", "2",
+                     "--threads", "1", "--baselines", "--rss-tokens", "2000", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["runners"]) == {"lmforge", "onnxruntime-python", "pytorch-eager"}
+    assert report["runners"]["lmforge"]["runs"] == 2
+    ratio = report["ratios"]["onnxruntime-python"]["tpot"]
+    runners = report["runners"]
+    expected = runners["lmforge"]["tpot_ms"]["p50"] / runners["onnxruntime-python"]["tpot_ms"]["p50"]
+    assert ratio == pytest.approx(expected)
+    assert report["rss"]["tokens"] >= 2000 and report["rss"]["growth_percent"] < 5
+    assert "onnxruntime-python" in result.stdout and "ours÷it TPOT" in result.stdout
+    assert run_cli("runtime.bench", str(tmp_path / "none")).returncode == 2
+
+
+def test_runtime_needs_only_its_light_dependencies(llama):
+    """A service process that embeds runtime/ never loads torch, transformers or the export stages."""
+    code = ("import sys\nimport runtime.session, runtime.generate\n"
+            f"s = runtime.session.open({str(llama.path)!r})\n"
+            "print(runtime.generate.generate(s, [1, 2, 3]).tokens)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'export', 'onnx') if m in sys.modules))")
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
