@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from export.passes.naming import NameLinearLayersPass, linear_nodes
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.baselines import plain_greedy, plain_session
 from runtime.errors import AccuracyError
@@ -100,8 +101,9 @@ def quiet_exporter():
                 logger.setLevel(level)
 
 
-def export_onnx(model, destination: Path, config: ExportConfig) -> None:
-    """torch.onnx.export(dynamo=True) with dynamic batch, sequence and past lengths (past 0 allowed)."""
+def export_onnx(model, destination: Path, config: ExportConfig) -> list[str]:
+    """torch.onnx.export(dynamo=True) with dynamic batch, sequence and past lengths (past 0 allowed).
+    Returns the names of the linear layers in graph order."""
     import torch
     from torch.export import Dim
 
@@ -131,8 +133,10 @@ def export_onnx(model, destination: Path, config: ExportConfig) -> None:
             dynamo=True,
             verbose=False,
         )
+    NameLinearLayersPass()(program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(destination), external_data=weight_bytes > config.external_data_threshold_bytes)
+    return [node.name for node in linear_nodes(program.model.graph)]
 
 
 def describe_io(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -221,10 +225,10 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig) -> Artif
     """Export into the writer's folder, check parity, and commit the artifact (or fail with exit code 3)."""
     started = time.perf_counter()
     onnx_path = writer.dir / MODEL_FILE
-    export_onnx(model, onnx_path, config)
+    linear_layers = export_onnx(model, onnx_path, config)
     export_seconds = time.perf_counter() - started
     _check_model(onnx_path)
-    facts = model_facts(model, tokenizer)
+    facts = model_facts(model, tokenizer) | {"linear_layers": linear_layers}
     if tokenizer is not None:
         tokenizer.save_pretrained(writer.dir)
     parity = check_parity(model, onnx_path, facts, tokenizer, config)
