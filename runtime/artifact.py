@@ -27,16 +27,32 @@ TOOL_PACKAGES = ("lmforge", "torch", "transformers", "onnx", "onnx-ir", "onnxscr
                  "onnxruntime-gpu", "tensorrt")
 
 
+# lmforge's own packages: a change to their code changes what the stages write, so it enters the ids too.
+SOURCE_PACKAGES = ("export", "calibration", "engines", "runtime")
+
+
 def tool_versions() -> dict[str, str | None]:
     """Installed versions of the tools, read from package metadata (importing torch here would break
-    the runtime's promise to services that it never loads torch)."""
+    the runtime's promise to services that it never loads torch), plus a digest of lmforge's source."""
     versions = {}
     for name in TOOL_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    versions["lmforge_source"] = source_digest()
     return versions
+
+
+def source_digest() -> str:
+    """sha256 over lmforge's Python sources, so editing a stage's code rebuilds what it produced."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        for file in sorted((root / package).rglob("*.py")):
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def artifact_id(parent: str | None, stage: str, config: dict[str, Any], versions: dict[str, Any]) -> str:

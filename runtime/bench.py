@@ -71,8 +71,9 @@ def prompt_ids(art: artifacts.Artifact, length: int) -> list[int]:
     return [(7 * i + 3) % vocab for i in range(length)]
 
 
-def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, threads: int) -> Callable[[], Run]:
-    session = open_session(art, SessionOptions(threads=threads))
+def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, options: SessionOptions
+                 ) -> Callable[[], Run]:
+    session = open_session(art, options)
     # No stop tokens: every run generates exactly gen_len tokens, so runs are comparable.
     config = GenerationConfig(max_new_tokens=gen_len, stop_token_ids=())
 
@@ -131,10 +132,11 @@ def rss_growth(run: Callable[[], Run], gen_len: int, tokens: int) -> dict:
             "growth_percent": 100 * (after - before) / before}
 
 
-def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, threads: int, warmup: int,
+def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, options: SessionOptions, warmup: int,
             baselines: bool, rss_tokens: int) -> dict:
     prompt = prompt_ids(art, prompt_len)
-    runners = {THIS: this_runtime(art, prompt, gen_len, threads)}
+    threads = options.threads
+    runners = {THIS: this_runtime(art, prompt, gen_len, options)}
     if baselines:
         runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
     results = {name: Measurements(name) for name in runners}
@@ -143,7 +145,8 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, t
     for _ in range(runs):  # alternate, so drift in machine state hits every runner alike
         for name, run in runners.items():
             results[name].runs.append(run())
-    report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "prompt_len": prompt_len,
+    report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "provider": options.provider,
+              "prompt_len": prompt_len,
               "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()}}
     if baselines:
         eager = pytorch_eager(art, prompt, gen_len, runs, threads)
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu or cuda")
     parser.add_argument("--baselines", action="store_true",
                         help="also measure the plain onnxruntime-Python loop and PyTorch eager")
     parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
             raise LmforgeError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
-        report = measure(art, args.prompt_len, args.gen_len, args.runs, args.threads, args.warmup,
+        options = SessionOptions(threads=args.threads, provider=args.provider)
+        report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,
                          args.baselines, args.rss_tokens)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

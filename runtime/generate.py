@@ -7,6 +7,7 @@ and a batch of prompts with left padding. Returns the tokens and a LatencyReport
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu or cuda")
     parser.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     args = parser.parse_args(argv)
 
@@ -169,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.text import load_codec
 
     try:
-        options = SessionOptions() if args.threads is None else SessionOptions(threads=args.threads)
-        with open(args.artifact, options) as session:
+        with open(args.artifact, SessionOptions(threads=args.threads, provider=args.provider)) as session:
             codec = load_codec(session.artifact)
             text = args.prompt
             if not args.raw and codec.chat_template:

@@ -27,7 +27,7 @@ ELEMENT_DTYPES = {code: name for name, code in ELEMENT_TYPES.items()}
 
 ORT_LOGGING_LEVEL_WARNING, ORT_LOGGING_LEVEL_ERROR = 2, 3
 ORT_ENABLE_ALL = 99
-ORT_DEVICE_ALLOCATOR, ORT_MEM_TYPE_DEFAULT = 0, 0
+ORT_DEVICE_ALLOCATOR, ORT_ARENA_ALLOCATOR, ORT_MEM_TYPE_DEFAULT = 0, 1, 0
 
 Status = c_void_p  # OrtStatus*; NULL means success
 P = c_void_p
@@ -55,6 +55,7 @@ FUNCTIONS = {
     "GetDimensionsCount": (61, Status, [P, POINTER(c_size_t)]),
     "GetDimensions": (62, Status, [P, POINTER(c_int64), c_size_t]),
     "GetTensorTypeAndShape": (65, Status, [P, POINTER(P)]),
+    "CreateMemoryInfo": (68, Status, [c_char_p, c_int, c_int, c_int, POINTER(P)]),
     "CreateCpuMemoryInfo": (69, Status, [c_int, c_int, POINTER(P)]),
     "AllocatorFree": (76, Status, [P, c_void_p]),
     "GetAllocatorWithDefaultOptions": (78, Status, [POINTER(P)]),
@@ -74,6 +75,7 @@ FUNCTIONS = {
     "GetBoundOutputValues": (140, Status, [P, P, POINTER(POINTER(P)), POINTER(c_size_t)]),
     "ClearBoundInputs": (141, None, [P]),
     "ClearBoundOutputs": (142, None, [P]),
+    "SessionOptionsAppendExecutionProvider_CUDA": (152, Status, [P, P]),
 }
 
 
@@ -157,6 +159,22 @@ class OrtApi:
         result = kind()
         getattr(self, function)(*args, ctypes.byref(result))
         return result.value if kind is not P else result
+
+
+class CudaProviderOptions(ctypes.Structure):
+    """OrtCUDAProviderOptions. Later releases appended fields to it, so zeroed padding follows the fields
+    we know: a newer library reads zeros (its defaults: features off) instead of whatever lies beyond."""
+
+    _fields_ = [("device_id", c_int), ("cudnn_conv_algo_search", c_int), ("gpu_mem_limit", c_size_t),
+                ("arena_extend_strategy", c_int), ("do_copy_in_default_stream", c_int),
+                ("has_user_compute_stream", c_int), ("user_compute_stream", c_void_p),
+                ("default_memory_arena_cfg", c_void_p), ("_reserved", ctypes.c_byte * 256)]
+
+    @classmethod
+    def defaults(cls, device_id: int = 0) -> CudaProviderOptions:
+        # The C++ defaults: exhaustive cuDNN search (0), no memory limit, copies on the compute stream.
+        return cls(device_id=device_id, cudnn_conv_algo_search=0, gpu_mem_limit=ctypes.c_size_t(-1).value,
+                   arena_extend_strategy=0, do_copy_in_default_stream=1)
 
 
 class _OrtApiBase(ctypes.Structure):

@@ -15,12 +15,13 @@ import numpy as np
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError
 from runtime.ort_capi import (
-    ELEMENT_DTYPES,
     ELEMENT_TYPES,
+    ORT_ARENA_ALLOCATOR,
     ORT_DEVICE_ALLOCATOR,
     ORT_ENABLE_ALL,
     ORT_LOGGING_LEVEL_ERROR,
     ORT_MEM_TYPE_DEFAULT,
+    CudaProviderOptions,
     OrtApi,
     load_api,
 )
@@ -28,6 +29,7 @@ from runtime.session import CacheState, SessionClosedError, SessionOptions, chec
 
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
+PROVIDERS = ("cpu", "cuda")
 _ENV_LOCK = threading.Lock()
 # A memoryview over foreign memory without building a ctypes array type per call (that costs ~0.1 ms).
 _memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
@@ -49,14 +51,14 @@ class OrtSession:
     backend = "ort"
 
     def __init__(self, artifact: artifacts.Artifact, options: SessionOptions):
-        if options.provider != "cpu":
-            raise BadInputError(f"execution provider {options.provider!r} is not supported by the ort runtime "
-                                "yet; use provider 'cpu'")
+        if options.provider not in PROVIDERS:
+            raise BadInputError(f"unknown execution provider {options.provider!r}; choose one of: "
+                                f"{', '.join(PROVIDERS)}")
         self.artifact = artifact
         self.facts = artifact.model_facts
         self.options = options
         self._api = api = load_api(options.library)
-        self._session = self._binding = self._memory = None
+        self._session = self._binding = self._memory = self._cache_memory = None
         self._allocator = api.out("GetAllocatorWithDefaultOptions")  # owned by ONNX Runtime: never freed
         self._session = self._create_session(artifact.file(MODEL_FILE), options)
         self.input_names = self._names("SessionGetInputCount", "SessionGetInputName")
@@ -64,11 +66,25 @@ class OrtSession:
         self._past_names = [n.encode() for n in self.input_names if n.startswith("past_key_values.")]
         self._output_names = [n.encode() for n in self.output_names]
         self._memory = api.out("CreateCpuMemoryInfo", ORT_DEVICE_ALLOCATOR, ORT_MEM_TYPE_DEFAULT)
+        # The KV cache stays where the provider computes it (GPU memory for CUDA); logits come to the host.
+        self._cache_memory = (api.out("CreateMemoryInfo", b"Cuda", ORT_ARENA_ALLOCATOR, 0, ORT_MEM_TYPE_DEFAULT)
+                              if options.provider == "cuda" else self._memory)
         self._binding = api.out("CreateIoBinding", self._session)
         kv = self.artifact.io["inputs"][-1]
         self._kv_dtype = np.dtype(kv["dtype"]) if self._past_names else np.dtype(np.float32)
-        self._outputs: list[ctypes.c_void_p] = []  # OrtValues of the last run: logits, then present.*
-        self._step_inputs: list = []  # numpy arrays and OrtValues that must live until the next run
+        self._bind_names = list(STEP_INPUTS) + self._past_names
+        presents_as_past = [n.replace(b"present.", b"past_key_values.") for n in self._output_names[1:]]
+        if presents_as_past != self._past_names:
+            raise BadInputError(f"{artifact.path}: the graph's present.* outputs do not pair with its "
+                                "past_key_values.* inputs in order; re-export it with `python -m export.build`")
+        self._output_bindings = [(self._output_names[0], self._memory)]  # logits: read on the host
+        self._output_bindings += [(name, self._cache_memory) for name in self._output_names[1:]]
+        logits = self.artifact.io["outputs"][0]
+        self._vocab, self._logits_dtype = int(logits["shape"][-1]), np.dtype(logits["dtype"])
+        self._data = ctypes.c_void_p()
+        self._outputs: list[int] = []  # OrtValues of the last run: logits, then present.*
+        self._owned: list[int] = []  # other OrtValues of the last run, released after the next
+        self._arrays: list[np.ndarray] = []  # numpy memory those OrtValues view
         self._state: CacheState | None = None
         self._closed = False
 
@@ -76,12 +92,16 @@ class OrtSession:
 
     def _create_session(self, model_path, options: SessionOptions):
         api = self._api
+        env = shared_env(api)  # before anything else: providers log through the environment's logger
         session_options = api.out("CreateSessionOptions")
         try:
             api.SetIntraOpNumThreads(session_options, options.threads)
             api.SetInterOpNumThreads(session_options, 1)
             api.SetSessionGraphOptimizationLevel(session_options, ORT_ENABLE_ALL)
-            return api.out("CreateSession", shared_env(api), str(model_path).encode(), session_options)
+            if options.provider == "cuda":
+                cuda = CudaProviderOptions.defaults()
+                api.SessionOptionsAppendExecutionProvider_CUDA(session_options, ctypes.byref(cuda))
+            return api.out("CreateSession", env, str(model_path).encode(), session_options)
         finally:
             api.ReleaseSessionOptions(session_options)
 
@@ -104,14 +124,14 @@ class OrtSession:
         empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
         shape = (ids.shape[0], self.facts["kv_heads"], 0, self.facts["head_dim"])
         past = [self._wrap(empty, shape) for _ in self._past_names]
-        return self._run(ids, mask, positions, past, keep=[empty, *past])
+        return self._run(ids, mask, positions, past, owned=past, arrays=[empty])
 
     def decode(self, tokens) -> np.ndarray:
         self._check_open()
         if self._state is None:
             raise BadInputError("decode called before prefill; call prefill(prompt) first")
         ids, mask, positions = decode_step(self._state, tokens, self.facts)
-        return self._run(ids, mask, positions, self._outputs[1:], keep=[])
+        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[])
 
     def reset(self) -> None:
         self._check_open()
@@ -125,11 +145,13 @@ class OrtSession:
         api = self._api
         if self._binding:
             api.ReleaseIoBinding(self._binding)
+        if self._cache_memory and self._cache_memory is not self._memory:
+            api.ReleaseMemoryInfo(self._cache_memory)
         if self._memory:
             api.ReleaseMemoryInfo(self._memory)
         if self._session:
             api.ReleaseSession(self._session)
-        self._binding = self._memory = self._session = None
+        self._binding = self._memory = self._cache_memory = self._session = None
         self._closed = True
 
     def __enter__(self):
@@ -148,69 +170,62 @@ class OrtSession:
 
     # -- one step -----------------------------------------------------------------------------------------
 
-    def _run(self, ids, mask, positions, past, keep) -> np.ndarray:
-        api, binding, memory = self._api, self._binding, self._memory
-        step_values = [self._wrap(ids), self._wrap(mask), self._wrap(positions)]
-        bind_input, bind_output = api.BindInput, api.BindOutputToDevice
-        for name, value in zip(STEP_INPUTS, step_values):
+    def _run(self, ids, mask, positions, past: list[int], owned: list[int], arrays: list) -> np.ndarray:
+        """One RunWithBinding. `past` are the OrtValues to bind as past_key_values; `owned` the OrtValues this
+        step created beyond its own inputs, and `arrays` the numpy arrays they view: both live until the
+        next step. The hot path keeps handles as ints and calls few functions: on a model this small the
+        per-call cost of Python adds up against a ~20 ms step."""
+        api, binding = self._api, self._binding
+        step_inputs = [self._wrap(ids), self._wrap(mask), self._wrap(positions)]
+        bind_input = api.BindInput
+        for name, value in zip(self._bind_names, step_inputs + past):
             bind_input(binding, name, value)
-        for name, value in zip(self._past_names, past):
-            bind_input(binding, name, value)
-        # Rebinding each output to the device makes ONNX Runtime allocate it afresh, so the present tensors
+        # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors
         # bound as this step's past are never reused as this step's output buffers.
-        for name in self._output_names:
+        bind_output = api.BindOutputToDevice
+        for name, memory in self._output_bindings:
             bind_output(binding, name, memory)
         api.RunWithBinding(self._session, None, binding)
 
-        previous, previous_inputs = self._outputs, self._step_inputs
+        stale = self._outputs + self._owned
         self._outputs = self._bound_outputs()
-        self._step_inputs = [ids, mask, positions, *step_values, *keep]
-        self._release(previous)
-        self._release([v for v in previous_inputs if isinstance(v, ctypes.c_void_p)])
-        return self._view(self._outputs[0])
+        self._owned = step_inputs + owned
+        self._arrays = [ids, mask, positions, *arrays]
+        release = api.ReleaseValue
+        for value in stale:
+            release(value)
+        return self._logits(ids.shape)
 
-    def _bound_outputs(self) -> list[ctypes.c_void_p]:
-        api = self._api
-        array = ctypes.POINTER(ctypes.c_void_p)()
-        count = ctypes.c_size_t()
-        api.GetBoundOutputValues(self._binding, self._allocator, ctypes.byref(array), ctypes.byref(count))
-        values = [ctypes.c_void_p(array[i]) for i in range(count.value)]
-        api.AllocatorFree(self._allocator, array)
+    def _bound_outputs(self) -> list[int]:
+        array, count = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()
+        self._api.GetBoundOutputValues(self._binding, self._allocator, ctypes.byref(array), ctypes.byref(count))
+        values = array[: count.value]
+        self._api.AllocatorFree(self._allocator, array)
         return values
 
-    def _wrap(self, array: np.ndarray, shape=None) -> ctypes.c_void_p:
+    def _wrap(self, array: np.ndarray, shape=None) -> int:
         """An OrtValue over the numpy array's memory (no copy); the array must outlive it."""
         shape = array.shape if shape is None else shape
         dims = (ctypes.c_int64 * len(shape))(*shape)
-        nbytes = int(np.prod(shape)) * array.itemsize
-        return self._api.out("CreateTensorWithDataAsOrtValue", self._memory, array.ctypes.data, nbytes, dims,
-                             len(shape), ELEMENT_TYPES[array.dtype.name])
+        nbytes = array.itemsize
+        for dim in shape:
+            nbytes *= dim
+        address = array.__array_interface__["data"][0]  # cheaper than array.ctypes.data on the hot path
+        return self._api.out("CreateTensorWithDataAsOrtValue", self._memory, address, nbytes, dims, len(shape),
+                             ELEMENT_TYPES[array.dtype.name]).value
 
-    def _view(self, value: ctypes.c_void_p) -> np.ndarray:
-        api = self._api
-        info = api.out("GetTensorTypeAndShape", value)
-        try:
-            rank = api.out("GetDimensionsCount", info, kind=ctypes.c_size_t)
-            dims = (ctypes.c_int64 * rank)()
-            api.GetDimensions(info, dims, rank)
-            dtype = np.dtype(ELEMENT_DTYPES[api.out("GetTensorElementType", info, kind=ctypes.c_int)])
-        finally:
-            api.ReleaseTensorTypeAndShapeInfo(info)
-        shape = tuple(dims)
-        pointer = api.out("GetTensorMutableData", value).value
-        count = int(np.prod(shape))
-        memory = _memory_view(pointer, count * dtype.itemsize, _PYBUF_WRITE)
-        return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
-
-    def _release(self, values) -> None:
-        release = self._api.ReleaseValue
-        for value in values:
-            release(value)
+    def _logits(self, input_shape) -> np.ndarray:
+        """Logits [batch, sequence, vocab] as a view of the first output's memory."""
+        self._api.GetTensorMutableData(self._outputs[0], ctypes.byref(self._data))
+        shape = (input_shape[0], input_shape[1], self._vocab)
+        count = shape[0] * shape[1] * shape[2]
+        memory = _memory_view(self._data.value, count * self._logits_dtype.itemsize, _PYBUF_WRITE)
+        return np.frombuffer(memory, dtype=self._logits_dtype, count=count).reshape(shape)
 
     def _release_outputs(self) -> None:
-        self._release(self._outputs)
-        self._release([v for v in self._step_inputs if isinstance(v, ctypes.c_void_p)])
-        self._outputs, self._step_inputs = [], []
+        for value in self._outputs + self._owned:
+            self._api.ReleaseValue(value)
+        self._outputs, self._owned, self._arrays = [], [], []
 
     def _check_open(self) -> None:
         if self._closed:

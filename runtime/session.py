@@ -22,7 +22,7 @@ from runtime.errors import BadInputError, LmforgeError
 class SessionOptions:
     # Intra-op threads; decode of a small model is latency-bound, so all cores of one socket by default.
     threads: int = os.cpu_count() or 1
-    # Execution provider: 'cpu' (the one every onnxruntime wheel has).
+    # Execution provider: 'cpu' (every onnxruntime wheel has it) or 'cuda' (onnxruntime-gpu and an NVIDIA GPU).
     provider: str = "cpu"
     # Path of the ONNX Runtime shared library; None finds the installed one (runtime.ort_capi.find_library).
     library: str | None = None
@@ -52,6 +52,7 @@ class CacheState:
 
     mask: np.ndarray  # [batch, total] int64, 0 on left padding
     next_position: np.ndarray  # [batch] int64
+    padded: bool  # whether any sequence has left padding
 
     @property
     def length(self) -> int:
@@ -77,8 +78,11 @@ def check_prompt(input_ids, attention_mask, facts: dict) -> tuple[np.ndarray, np
 
 def check_token_ids(ids: np.ndarray, facts: dict) -> None:
     vocab = facts["vocab_size"]
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        bad = int(ids.min() if ids.min() < 0 else ids.max())
+    if not ids.size:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
         raise BadInputError(f"token id {bad} is outside the vocabulary [0, {vocab}); encode text with the "
                             "artifact's tokenizer")
 
@@ -93,18 +97,22 @@ def check_context(total: int, facts: dict) -> None:
 def prefill_state(mask: np.ndarray) -> tuple[CacheState, np.ndarray]:
     """State after a prefill, and the position ids of the prompt (counted from each row's first real token)."""
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-    return CacheState(mask=mask, next_position=positions[:, -1] + 1), positions
+    return CacheState(mask=mask, next_position=positions[:, -1] + 1, padded=not mask.all()), positions
 
 
 def decode_step(state: CacheState, tokens, facts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids [batch, 1], attention_mask [batch, total+1], position_ids [batch, 1]) for one decode step."""
-    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
-    if ids.shape[0] != state.mask.shape[0]:
-        raise BadInputError(f"decode got {ids.shape[0]} tokens for a batch of {state.mask.shape[0]}")
+    ids = np.array(tokens, dtype=np.int64).reshape(-1, 1)
+    batch = state.mask.shape[0]
+    if ids.shape[0] != batch:
+        raise BadInputError(f"decode got {ids.shape[0]} tokens for a batch of {batch}")
     check_token_ids(ids, facts)
     check_context(state.length + 1, facts)
-    state.mask = np.concatenate([state.mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
-    positions = state.next_position[:, None].copy()
+    if state.padded:
+        state.mask = np.concatenate([state.mask, np.ones((batch, 1), np.int64)], axis=1)
+    else:  # no padding: a fresh block of ones is cheaper than growing the old mask
+        state.mask = np.ones((batch, state.length + 1), np.int64)
+    positions = state.next_position.reshape(-1, 1)
     state.next_position = state.next_position + 1
     return ids, state.mask, positions
 

@@ -170,6 +170,17 @@ def test_a_library_that_is_not_onnxruntime_or_too_old(monkeypatch):
         ort_capi.OrtApi(ort_capi.find_library())
 
 
+def test_execution_provider_comes_from_the_session_options(llama):
+    with pytest.raises(BadInputError, match="unknown execution provider 'tpu'"):
+        open_session(llama, SessionOptions(provider="tpu"))
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the GPU tests cover it")
+    with pytest.raises(ort_capi.OrtError, match="(?i)cuda"):
+        open_session(llama, SessionOptions(provider="cuda"))
+
+
 def test_ort_status_becomes_an_exception_with_the_message(llama):
     api = ort_capi.load_api()
     with pytest.raises(ort_capi.OrtError, match="NO_SUCHFILE|No such file|does not exist|Load model"):
