@@ -12,16 +12,18 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from calibration import calibrate
+from calibration.data import DataConfig
 from export import onnx_export
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 
-# Precisions this version builds. int8 and friends arrive with calibration, float16 with the engines.
-PRECISIONS = ("fp32",)
+# Precisions this version builds (float16 arrives with the engines, for GPUs).
+PRECISIONS = ("fp32", *calibrate.PRECISIONS)
 BACKENDS = ("auto", "ort", "trt")
 
 
@@ -38,6 +40,7 @@ class BuildConfig:
     # Run Python code shipped with a hub model; off, since it executes someone else's code.
     trust_remote_code: bool = False
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
+    calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
 
 
 @dataclass
@@ -57,13 +60,42 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run")
+    defaults, data_defaults = calibrate.CalibrationConfig(), DataConfig()
+    calib = parser.add_argument_group("calibration (int8 precisions)")
+    calib.add_argument("--calib-data", default=None,
+                       help="a .txt file, a folder of .txt, a .jsonl, or a dataset id (default: Python's docs)")
+    calib.add_argument("--calib-field", default=data_defaults.text_field, help="the text field of .jsonl rows")
+    calib.add_argument("--calib-samples", type=int, default=data_defaults.samples)
+    calib.add_argument("--calib-seq-len", type=int, default=data_defaults.seq_len)
+    calib.add_argument("--eval-samples", type=int, default=data_defaults.eval_samples)
+    calib.add_argument("--calib-seed", type=int, default=data_defaults.seed)
+    calib.add_argument("--calib-chat", action="store_true", help="wrap samples in the model's chat template")
+    calib.add_argument("--calib-method", default=defaults.method, help="minmax, percentile, entropy or mse")
+    calib.add_argument("--smoothquant-alpha", type=float, default=defaults.smoothquant_alpha,
+                       help="SmoothQuant strength; a negative value turns it off")
+    calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave in float "
+                       "(the LM head always is)")
+    calib.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase,
+                       help="accuracy gate, percent perplexity increase over fp32")
+    calib.add_argument("--max-float-fraction", type=float, default=defaults.max_float_fraction)
+    calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
+    calib.add_argument("--threads", type=int, default=defaults.threads)
     args = parser.parse_args(argv)
     if args.precision not in PRECISIONS:
         raise BadInputError(f"unknown precision {args.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if args.backend not in BACKENDS:
         raise BadInputError(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
+                      seq_len=args.calib_seq_len, eval_samples=args.eval_samples, seed=args.calib_seed,
+                      chat=args.calib_chat)
+    keep = tuple(dict.fromkeys(["lm_head", *(n.strip() for n in args.keep_fp.split(",") if n.strip())]))
+    calibration = calibrate.CalibrationConfig(
+        method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase,
+        smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
+        max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
+        threads=args.threads, data=data)
     return BuildConfig(model=args.model, precision=args.precision, out=Path(args.out), backend=args.backend,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, calibration=calibration)
 
 
 def check_writable(folder: Path) -> None:
@@ -106,37 +138,60 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_export(config: BuildConfig) -> StageResult:
+def run_stage(store: Path, stage: str, parent: str, stage_config: dict, produce, record: dict | None = None
+              ) -> StageResult:
+    """Reuse the stage's artifact if its id exists in the store; else produce it into an ArtifactWriter."""
     started = time.perf_counter()
+    ident = artifacts.artifact_id(parent, stage, stage_config, artifacts.tool_versions())
+    found = artifacts.find(store, stage, ident)
+    if found is not None:
+        progress(f"[{stage}] reusing {found.path}")
+        return StageResult(stage, found, time.perf_counter() - started, reused=True)
+    with artifacts.ArtifactWriter(store, stage, ident, parent, stage_config | (record or {})) as writer:
+        result = produce(writer)
+    progress(f"[{stage}] done in {time.perf_counter() - started:.1f}s -> {result.path}")
+    return StageResult(stage, result, time.perf_counter() - started, reused=False)
+
+
+def run_export(config: BuildConfig) -> StageResult:
     progress(f"[export] resolving model {config.model!r}")
     source = resolve(config.model, trust_remote_code=config.trust_remote_code)
-    stage_config = onnx_export.stage_config(config.export)
-    versions = artifacts.tool_versions()
-    ident = artifacts.artifact_id(source.fingerprint, onnx_export.STAGE, stage_config, versions)
-    found = artifacts.find(config.out, onnx_export.STAGE, ident)
-    if found is not None:
-        progress(f"[export] reusing {found.path}")
-        return StageResult(onnx_export.STAGE, found, time.perf_counter() - started, reused=True)
-    progress(f"[export] loading {source.model_type} model from {source.location}")
-    model, tokenizer = load_model(source), load_tokenizer(source)
-    progress("[export] torch.onnx.export (dynamo) with KV cache, then parity against PyTorch")
-    with artifacts.ArtifactWriter(config.out, onnx_export.STAGE, ident, source.fingerprint,
-                                  stage_config | {"model": source.spec}) as writer:
-        result = onnx_export.run(model, tokenizer, writer, config.export)
-    progress(f"[export] done in {time.perf_counter() - started:.1f}s -> {result.path}")
-    return StageResult(onnx_export.STAGE, result, time.perf_counter() - started, reused=False)
+
+    def produce(writer):
+        progress(f"[export] loading {source.model_type} model from {source.location}")
+        model, tokenizer = load_model(source), load_tokenizer(source)
+        progress("[export] torch.onnx.export (dynamo) with KV cache, then parity against PyTorch")
+        return onnx_export.run(model, tokenizer, writer, config.export)
+
+    return run_stage(config.out, onnx_export.STAGE, source.fingerprint, onnx_export.stage_config(config.export),
+                     produce, record={"model": source.spec})
+
+
+def run_calibrate(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
+    calibration_config = replace(config.calibration, precision=config.precision)
+    return run_stage(config.out, calibrate.STAGE, parent.id, calibrate.stage_config(calibration_config),
+                     lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
+
+
+def accuracy_text(metrics: dict) -> str:
+    if "parity" in metrics:
+        parity = metrics["parity"]
+        return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
+                f"{parity['greedy_matching']}/{parity['greedy_tokens']}")
+    if "accuracy" in metrics:
+        acc = metrics["accuracy"]
+        return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
+                f"{len(metrics['kept_in_float'])} layers float")
+    return "-"
 
 
 def summary_table(results: list[StageResult]) -> str:
-    rows = [("stage", "artifact", "size", "time", "peak RSS", "parity")]
+    rows = [("stage", "artifact", "size", "time", "peak RSS", "accuracy")]
     for r in results:
         metrics = r.artifact.metrics
-        parity = metrics.get("parity")
-        parity_text = (f"max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
-                       f"{parity['greedy_matching']}/{parity['greedy_tokens']}") if parity else "-"
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, parity_text))
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -148,7 +203,10 @@ def build(config: BuildConfig) -> list[StageResult]:
     artifacts.remove_stale_temporaries(config.out)
     backend, why = choose_backend(config.backend)
     progress(f"[build] backend {backend} ({why})")
-    return [run_export(config)]
+    results = [run_export(config)]
+    if config.precision in calibrate.PRECISIONS:
+        results.append(run_calibrate(config, results[-1].artifact))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

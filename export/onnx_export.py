@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from export.passes.naming import NameLinearLayersPass, linear_nodes
+from calibration.graph import projection_nodes
+from export.passes.naming import NameLinearLayersPass
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.baselines import plain_greedy, plain_session
 from runtime.errors import AccuracyError
@@ -136,7 +137,7 @@ def export_onnx(model, destination: Path, config: ExportConfig) -> list[str]:
     NameLinearLayersPass()(program.model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(destination), external_data=weight_bytes > config.external_data_threshold_bytes)
-    return [node.name for node in linear_nodes(program.model.graph)]
+    return [node.name for node in projection_nodes(program.model.graph)]
 
 
 def describe_io(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:

@@ -19,10 +19,12 @@ def tiny_model_factory(tmp_path_factory):
     """Build each tiny model once per test session; returns its Hugging Face folder."""
     made: dict[str, Path] = {}
 
-    def factory(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "model")
-        return made[arch]
+    def factory(arch: str, tokenizer: bool = True) -> Path:
+        key = (arch, tokenizer)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}") / "model"
+            made[key] = make_tiny_model(arch, folder, tokenizer=tokenizer)
+        return made[key]
 
     return factory
 
@@ -35,10 +37,12 @@ def export_factory(tiny_model_factory, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     exported = {}
 
-    def factory(arch: str):
-        if arch not in exported:
-            exported[arch] = build(BuildConfig(model=str(tiny_model_factory(arch)), out=store))[-1].artifact
-        return exported[arch]
+    def factory(arch: str, tokenizer: bool = True):
+        key = (arch, tokenizer)
+        if key not in exported:
+            model = str(tiny_model_factory(arch, tokenizer))
+            exported[key] = build(BuildConfig(model=model, out=store))[-1].artifact
+        return exported[key]
 
     return factory
 

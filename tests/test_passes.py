@@ -4,7 +4,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from export.passes.naming import NameLinearLayersPass, linear_nodes
+from calibration.graph import projection_nodes
+from export.passes.naming import NameLinearLayersPass
 
 
 def run_prefill(model_path, facts, ids):
@@ -31,13 +32,13 @@ def test_exported_linear_layers_carry_their_module_names(export_factory):
 def test_naming_pass_renames_without_changing_numbers(export_factory, tmp_path):
     art = export_factory("gpt2")
     model = ir.load(str(art.file("model.onnx")))
-    for node in linear_nodes(model.graph):  # undo the names, as the exporter leaves them
+    for node in projection_nodes(model.graph):  # undo the names, as the exporter leaves them
         node.name = f"node_{id(node)}"
     assert NameLinearLayersPass()(model).modified
     assert not NameLinearLayersPass()(model).modified  # nothing left to name
-    names = [n.name for n in linear_nodes(model.graph)]
+    names = [n.name for n in projection_nodes(model.graph)]
     assert "model.h.0.attn.c_attn" in names or "transformer.h.0.attn.c_attn" in names
-    assert {n.op_type for n in linear_nodes(model.graph)} <= {"MatMul", "Gemm"}
+    assert {n.op_type for n in projection_nodes(model.graph)} <= {"MatMul", "Gemm"}
     ir.save(model, tmp_path / "renamed.onnx")
     ids = np.array([[3, 7, 11, 19]], dtype=np.int64)
     np.testing.assert_array_equal(run_prefill(tmp_path / "renamed.onnx", art.model_facts, ids),

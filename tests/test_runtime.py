@@ -193,10 +193,16 @@ def ort_capi_env(api):
     return shared_env(api)
 
 
-def test_generate_cli_errors_exit_2(llama, tmp_path):
+def test_generate_cli_streams_text_and_reports_latency(llama):
+    result = run_cli("runtime.generate", str(llama.path), "the quick brown fox", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "TTFT" in result.stderr.strip().splitlines()[-1]
+
+
+def test_generate_cli_errors_exit_2(llama, export_factory, tmp_path):
     result = run_cli("runtime.generate", str(tmp_path / "missing"), "hello")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("runtime.generate", str(llama.path), "hello")
+    result = run_cli("runtime.generate", str(export_factory("llama", tokenizer=False).path), "hello")
     assert result.returncode == 2 and "no tokenizer.json" in result.stderr
     result = run_cli("runtime.generate", str(llama.path), "hello", env={ort_capi.LIBRARY_ENV: "/no/lib.so"})
     assert result.returncode == 2 and "cannot load ONNX Runtime library" in result.stderr

@@ -27,8 +27,25 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random model of family `arch` as a Hugging Face folder and return it."""
+TOKENIZER_TEXT = ("the quick brown fox jumps over the lazy dog. calibration text for a tiny model, "
+                  "with numbers 0123456789 and some punctuation: (a, b); c! d? e-f.") * 20
+
+
+def make_tiny_tokenizer(folder: Path) -> None:
+    """A 128-token BPE tokenizer trained here (ids 0-2: <unk>, <s>, </s>), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator([TOKENIZER_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
+def make_tiny_model(arch: str, folder: Path, seed: int = 0, tokenizer: bool = True) -> Path:
+    """Save a random model of family `arch` (and a tiny tokenizer) as a Hugging Face folder and return it."""
     import torch
     import transformers
 
@@ -43,4 +60,6 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
             if param.dim() >= 2:
                 param.normal_(0.0, 0.15)
     model.save_pretrained(folder)
+    if tokenizer:
+        make_tiny_tokenizer(folder)
     return folder

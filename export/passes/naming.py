@@ -6,6 +6,8 @@ import ast
 
 import onnx_ir as ir
 
+from calibration.graph import projection_nodes
+
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 # The exporter nests the model under our KV-cache wrapper's attribute; users know the model's own names.
 WRAPPER_PREFIX = "inner."
@@ -23,12 +25,6 @@ def module_of(node: ir.Node) -> str | None:
     return module[len(WRAPPER_PREFIX):] if module.startswith(WRAPPER_PREFIX) else module
 
 
-def linear_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """MatMul/Gemm nodes whose second input is a constant weight: the model's linear layers."""
-    return [node for node in graph if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx")
-            and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].is_initializer()]
-
-
 class NameLinearLayersPass(ir.passes.InPlacePass):
     """Renames each linear layer's node to its module path (`model.layers.0.mlp.down_proj`) and its weight
     to `<module>.weight`, so calibration, pruning and reports can name layers the way users know them.
@@ -37,14 +33,14 @@ class NameLinearLayersPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         taken = {node.name for node in model.graph}
-        for node in linear_nodes(model.graph):
+        for node in projection_nodes(model.graph):
             module = module_of(node)
             if module is None or module in taken:
                 continue
             taken.add(module)
             node.name = module
-            weight = node.inputs[1]
-            if len(weight.uses()) == 1 and f"{module}.weight" not in model.graph.initializers:
-                weight.name = f"{module}.weight"
+            weight, weight_name = node.inputs[1], f"{module}.weight"
+            if weight.is_initializer() and len(weight.uses()) == 1 and weight_name not in model.graph.initializers:
+                weight.name = weight_name
             modified = True
         return ir.passes.PassResult(model, modified)

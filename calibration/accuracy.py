@@ -1,0 +1,45 @@
+"""Accuracy against the fp32 parent: perplexity on held-out windows and top-1 next-token agreement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.baselines import kv_input_names, plain_session
+
+
+@dataclass
+class Evaluation:
+    perplexity: float
+    predictions: list[np.ndarray]  # argmax next token per position, per window
+
+    def agreement(self, reference: Evaluation) -> float:
+        """Share of positions whose top-1 next token equals the reference's."""
+        same = sum(int((a == b).sum()) for a, b in zip(self.predictions, reference.predictions))
+        return same / sum(len(p) for p in reference.predictions)
+
+
+def window_logits(session, facts: dict, window: np.ndarray) -> np.ndarray:
+    ids = window[None].astype(np.int64)
+    empty = np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    feeds |= {name: empty for name in kv_input_names(facts["layers"])}
+    return session.run(["logits"], feeds)[0][0]
+
+
+def evaluate(model_path: Path, facts: dict, windows: np.ndarray, threads: int) -> Evaluation:
+    """Perplexity of each window's next tokens (teacher forcing), and the top-1 predictions."""
+    session = plain_session(model_path, threads)
+    nll, count, predictions = 0.0, 0, []
+    for window in windows:
+        logits = window_logits(session, facts, window)[:-1].astype(np.float64)
+        targets = window[1:]
+        peak = logits.max(axis=-1, keepdims=True)
+        log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))
+        nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+        predictions.append(logits.argmax(axis=-1).astype(np.int32))
+    return Evaluation(perplexity=float(np.exp(nll / count)), predictions=predictions)

@@ -1,0 +1,207 @@
+"""The calibrate stage: fp32 artifact + sample text → an int8 (or int8-weight-only) Q/DQ artifact that
+keeps accuracy, or a clear failure naming the layers that cost it.
+
+Steps: evaluate the parent; collect activation statistics; SmoothQuant; collect again on the smoothed
+graph; emit Q/DQ; evaluate; while the perplexity increase is over budget, return the most sensitive
+layers to float (never more than `max_float_fraction` of them) and evaluate again.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from calibration import accuracy, stats
+from calibration.data import DataConfig, load_samples
+from calibration.graph import weight_array, weight_axis
+from calibration.qdq import QuantizeLinearLayersPass, fake_quantize_activation, fake_quantize_weight
+from calibration.smoothquant import SmoothQuantPass
+from runtime.artifact import Artifact, ArtifactWriter
+from runtime.errors import AccuracyError, BadInputError
+from runtime.text import load_codec
+
+STAGE = "calibrate"
+MODEL_FILE = "model.onnx"
+PRECISIONS = ("int8", "int8-weight-only")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    # 'int8' (W8A8: weights per channel, activations per tensor) or 'int8-weight-only' (W8A16).
+    precision: str = "int8"
+    # How an activation's clipping range is chosen from its histogram: minmax, percentile, entropy or mse.
+    method: str = "percentile"
+    # SmoothQuant's migration strength: 0 leaves outliers in the activations, 1 moves them all to weights.
+    smoothquant_alpha: float | None = 0.5
+    # Linear layers left in float by name (the LM head by default: it is large, sensitive and cheap to keep).
+    keep_fp: tuple[str, ...] = ("lm_head",)
+    # The accuracy gate: perplexity increase over the fp32 parent, in percent.
+    max_ppl_increase: float = 3.0
+    # Never return more than this share of the linear layers to float: past it, it is not an int8 engine.
+    max_float_fraction: float = 0.10
+    # Write the artifact even when the gate is missed (the metrics still say so).
+    allow_accuracy_loss: bool = False
+    threads: int = os.cpu_count() or 1
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def stage_config(config: CalibrationConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data.pop("threads")  # does not change the result
+    return data
+
+
+def validate(config: CalibrationConfig, layers: list[str]) -> None:
+    if config.precision not in PRECISIONS:
+        raise BadInputError(f"calibration precision {config.precision!r} unknown; choose one of {PRECISIONS}")
+    if config.method not in stats.METHODS:
+        raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
+    unknown = [name for name in config.keep_fp if name not in layers]
+    if unknown:
+        raise BadInputError(f"--keep-fp names no linear layer: {', '.join(unknown)}; layers look like "
+                            f"{layers[0]!r} (see the export artifact's manifest, io.model.linear_layers)")
+
+
+@dataclass
+class Candidate:
+    kept: list[str]
+    evaluation: accuracy.Evaluation
+    path: Path
+
+
+def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, progress=print) -> Artifact:
+    started = time.perf_counter()
+    facts = parent.model_facts
+    layers = facts["linear_layers"]
+    validate(config, layers)
+    samples = load_samples(config.data, load_codec(parent), facts["eos_token_ids"])
+    work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
+    try:
+        progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")
+        reference = accuracy.evaluate(parent.file(MODEL_FILE), facts, samples.evaluation, config.threads)
+        model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
+        chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
+                                work, progress)
+        shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
+        for name in TOKENIZER_FILES:
+            if name in parent.manifest["files"]:
+                shutil.copyfile(parent.file(name), writer.dir / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    increase = 100 * (chosen.evaluation.perplexity / reference.perplexity - 1)
+    metrics = {
+        "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": chosen.evaluation.perplexity,
+                     "perplexity_increase_percent": increase, "top1_agreement": chosen.evaluation.agreement(reference),
+                     "gate_percent": config.max_ppl_increase, "passed": increase <= config.max_ppl_increase,
+                     "eval_windows": len(samples.evaluation), "data": samples.source},
+        "kept_in_float": chosen.kept,
+        "float_fraction": len(chosen.kept) / len(layers),
+        "smoothquant_layers": len(smoothed),
+        "tried": tried,
+        "calibration_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    return writer.commit(io=parent.io, metrics=metrics, precision=config.precision)
+
+
+def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, progress):
+    """(graph to quantize, activation scales or None, layer sensitivity order, smoothed layers)."""
+    facts = parent.model_facts
+    source = parent.file(MODEL_FILE)
+    if config.precision == "int8-weight-only":
+        return source, None, _weight_sensitivity(source, facts["linear_layers"]), []
+    model = ir.load(str(source))
+    inputs = stats.linear_inputs(model, facts["linear_layers"])
+    tensors = sorted(set(inputs.values()))
+    progress(f"[calibrate] activation statistics of {len(tensors)} tensors on {len(samples.calibration)} windows")
+    smoothed: list[str] = []
+    if config.smoothquant_alpha is not None:
+        channel_stats = stats.collect(source, tensors, samples.calibration[:16], facts, config.threads)
+        smoothing = SmoothQuantPass({name: s.channel_absmax for name, s in channel_stats.items()},
+                                    alpha=config.smoothquant_alpha, skip=frozenset(config.keep_fp))
+        smoothing(model)
+        smoothed = smoothing.smoothed
+        source = work / "smoothed.onnx"
+        ir.save(model, source)
+        progress(f"[calibrate] SmoothQuant folded into {len(smoothed)} layers; statistics again")
+    tensor_stats = stats.collect(source, tensors, samples.calibration, facts, config.threads)
+    scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
+    sensitivity = _activation_sensitivity(ir.load(str(source)), inputs, tensor_stats, scales)
+    return source, scales, sensitivity, smoothed
+
+
+def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stats, scales) -> list[str]:
+    """Layers ordered from most to least damaged by W8A8: relative output error on sampled input rows."""
+    errors = {}
+    for node in model.graph:
+        if node.name not in inputs:
+            continue
+        x = tensor_stats[inputs[node.name]].rows
+        weight, axis = weight_array(node), weight_axis(node)
+        w = weight if axis == 1 else weight.T
+        exact = x @ w
+        approx = fake_quantize_activation(x, scales[inputs[node.name]]) @ fake_quantize_weight(w, 1)
+        errors[node.name] = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-12))
+    return sorted(errors, key=errors.get, reverse=True)
+
+
+def _weight_sensitivity(source: Path, layers: list[str]) -> list[str]:
+    model = ir.load(str(source))
+    errors = {}
+    for node in model.graph:
+        if node.name in layers:
+            weight, axis = weight_array(node), weight_axis(node)
+            error = np.linalg.norm(fake_quantize_weight(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
+            errors[node.name] = float(error)
+    return sorted(errors, key=errors.get, reverse=True)
+
+
+def _emit(model_path: Path, keep: list[str], scales, destination: Path) -> Path:
+    model = ir.load(str(model_path))
+    QuantizeLinearLayersPass(frozenset(keep), scales)(model)
+    ir.save(model, destination)
+    return destination
+
+
+def _search(model_path, scales, sensitivity, reference, samples, config, facts, work, progress):
+    """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
+    layers = facts["linear_layers"]
+    budget = int(config.max_float_fraction * len(layers))
+    base = list(config.keep_fp)
+    extra_counts = [0] + [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= budget - len(base)]
+    if budget - len(base) > 0 and extra_counts[-1] != budget - len(base):
+        extra_counts.append(budget - len(base))
+    tried = []
+    best = None
+    for extra in extra_counts:
+        kept = base + [name for name in sensitivity if name not in base][:extra]
+        path = _emit(model_path, kept, scales, work / f"candidate-{extra}.onnx")
+        evaluation = accuracy.evaluate(path, facts, samples.evaluation, config.threads)
+        increase = 100 * (evaluation.perplexity / reference.perplexity - 1)
+        tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
+                      "top1_agreement": evaluation.agreement(reference)})
+        progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}%, top-1 agreement "
+                 f"{evaluation.agreement(reference):.3f}")
+        candidate = Candidate(kept, evaluation, path)
+        if best is None or evaluation.perplexity < best.evaluation.perplexity:
+            best = candidate
+        if increase <= config.max_ppl_increase:
+            return candidate, tried
+    increase = 100 * (best.evaluation.perplexity / reference.perplexity - 1)
+    if not config.allow_accuracy_loss:
+        worst = ", ".join(sensitivity[:5])
+        raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {increase:+.1f}% (limit "
+                            f"{config.max_ppl_increase:+.1f}%) even with {len(best.kept)} of {len(layers)} layers in "
+                            f"float; most sensitive layers: {worst}; raise --max-ppl-increase, or pass "
+                            "--allow-accuracy-loss")
+    return best, tried

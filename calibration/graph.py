@@ -1,0 +1,47 @@
+"""Finding the linear layers of an exported graph (onnx-ir), shared by calibration and the export passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def linear_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """MatMul/Gemm nodes whose second input is a constant weight: the model's linear layers."""
+    return [node for node in graph if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx")
+            and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].is_initializer()]
+
+
+def _is_transposed_constant(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return (producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None
+            and producer.inputs[0].is_initializer())
+
+
+def projection_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Every linear layer, including one whose weight is a transposed constant: a tied LM head reads the
+    embedding table through a Transpose. Only `linear_nodes` can be quantized in place."""
+    return [node for node in graph if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx")
+            and len(node.inputs) > 1 and node.inputs[1] is not None
+            and (node.inputs[1].is_initializer() or _is_transposed_constant(node.inputs[1]))]
+
+
+def weight_axis(node: ir.Node) -> int:
+    """The weight's output-channel axis: 1 for MatMul's [in, out], 0 for Gemm with transB=1."""
+    return 0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
+
+
+def weight_array(node: ir.Node) -> np.ndarray:
+    return node.inputs[1].const_value.numpy()
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+
+
+def linear_groups(graph: ir.Graph) -> dict[ir.Value, list[ir.Node]]:
+    """Activation tensor -> the linear layers that read it (q/k/v share one, gate/up another)."""
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in linear_nodes(graph):
+        groups.setdefault(node.inputs[0], []).append(node)
+    return groups

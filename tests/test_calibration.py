@@ -1,0 +1,205 @@
+"""Calibration on tiny models: sample data, statistics, SmoothQuant exactness, TensorRT-ready Q/DQ, gates."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import run_cli
+
+from calibration import accuracy, stats
+from calibration.data import DataConfig, default_documents, load_samples, split_documents
+from calibration.qdq import QuantizeLinearLayersPass
+from calibration.smoothquant import SmoothQuantPass
+
+
+class ByteCodec:
+    """A tokenizer stand-in for tiny models: one token per byte, folded into the tiny vocabulary."""
+
+    chat_template = None
+
+    def encode(self, text):
+        return [b % 100 + 3 for b in text.encode()]
+
+
+def tiny_samples(count=6, length=48, seed=0, vocab=128):
+    return np.random.default_rng(seed).integers(3, vocab, size=(count, length))
+
+
+# -- sample data -------------------------------------------------------------------------------------------
+
+
+def test_default_text_is_offline_and_split_without_overlap():
+    documents = default_documents()
+    assert len(documents) > 50 and sum(len(t) for t in documents.values()) > 100_000
+    split = split_documents(documents)
+    assert split.calibration and split.evaluation
+    assert not set(split.calibration) & set(split.evaluation)
+    assert split_documents(documents).evaluation == split.evaluation  # deterministic
+
+
+def test_samples_are_seeded_windows_and_eval_is_held_out():
+    config = DataConfig(samples=8, seq_len=64, eval_samples=4, seed=3)
+    first = load_samples(config, ByteCodec(), [2])
+    assert first.calibration.shape == (8, 64) and first.evaluation.shape == (4, 64)
+    assert np.array_equal(load_samples(config, ByteCodec(), [2]).calibration, first.calibration)
+    other = load_samples(DataConfig(samples=8, seq_len=64, eval_samples=4, seed=4), ByteCodec(), [2])
+    assert not np.array_equal(other.calibration, first.calibration)
+    assert np.array_equal(other.evaluation, first.evaluation)
+
+
+def test_user_text_files_folders_and_jsonl(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 200
+    (tmp_path / "a.txt").write_text(text)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(f"Document {i}. " + text)
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"body": f"{i} {text}"}) for i in range(6)))
+    for source, field in ((tmp_path / "a.txt", "text"), (folder, "text"), (tmp_path / "rows.jsonl", "body")):
+        samples = load_samples(DataConfig(source=str(source), text_field=field, samples=4, seq_len=32,
+                                          eval_samples=2), ByteCodec(), [2])
+        assert samples.calibration.shape == (4, 32) and samples.evaluation.shape == (2, 32)
+
+
+@pytest.mark.parametrize("content, field, message", [
+    (b"", "text", "holds no text"),
+    (b"short", "text", "fewer than"),
+    (b"\x00\x01\x02binary", "text", "not a text file"),
+    (b'{"other": "x"}\n', "text", "has no 'text' field"),
+])
+def test_bad_calibration_data_is_a_clear_error(tmp_path, content, field, message):
+    from runtime.errors import BadInputError
+
+    path = tmp_path / ("data.jsonl" if b"{" in content else "data.txt")
+    path.write_bytes(content)
+    with pytest.raises(BadInputError, match=message):
+        load_samples(DataConfig(source=str(path), text_field=field, samples=4, seq_len=32), ByteCodec(), [2])
+
+
+def test_dataset_id_without_datasets_or_network_is_a_clear_error():
+    from runtime.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="dataset"):
+        load_samples(DataConfig(source="someorg/some-dataset"), ByteCodec(), [2])
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+
+
+def test_streaming_histogram_keeps_counts_and_bounded_memory():
+    rng = np.random.default_rng(0)
+    tensor = stats.TensorStats(channels=16)
+    data = [rng.standard_normal((50, 16)).astype(np.float32) * (1 + i) for i in range(10)]
+    for x in data:
+        tensor.update(x, rng)
+    everything = np.abs(np.concatenate(data))
+    assert tensor.absmax == pytest.approx(float(everything.max()))
+    assert tensor.histogram.sum() == everything.size and tensor.histogram.shape == (stats.BINS,)
+    assert np.allclose(tensor.channel_absmax, everything.max(axis=0))
+    assert tensor.rows.shape == (stats.RESERVOIR_ROWS, 16)
+    thresholds = {method: tensor.threshold(method) for method in stats.METHODS}
+    assert thresholds["minmax"] == pytest.approx(tensor.absmax)
+    assert 0 < thresholds["percentile"] <= thresholds["minmax"]
+    assert 0 < thresholds["mse"] <= thresholds["minmax"]
+
+
+# -- graph passes ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_stats(export_factory):
+    art = export_factory("llama")
+    model = ir.load(str(art.file("model.onnx")))
+    inputs = stats.linear_inputs(model, art.model_facts["linear_layers"])
+    tensors = sorted(set(inputs.values()))
+    collected = stats.collect(art.file("model.onnx"), tensors, tiny_samples(), art.model_facts, threads=1)
+    return art, collected
+
+
+def test_smoothquant_is_exact_in_float(llama_stats, tmp_path):
+    art, collected = llama_stats
+    model = ir.load(str(art.file("model.onnx")))
+    smoothing = SmoothQuantPass({name: s.channel_absmax for name, s in collected.items()}, alpha=0.5,
+                                skip=frozenset({"lm_head"}))
+    result = smoothing(model)
+    assert result.modified
+    # q/k/v and gate/up fold into the norms; down_proj folds into up_proj: 6 of the 7 layers of each block.
+    assert len(smoothing.smoothed) == 2 * 6 and "model.layers.1.mlp.down_proj" in smoothing.smoothed
+    ir.save(model, tmp_path / "smoothed.onnx")
+    windows = tiny_samples(count=3, seed=9)
+    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    after = accuracy.evaluate(tmp_path / "smoothed.onnx", art.model_facts, windows, threads=1)
+    assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
+    assert after.agreement(before) == 1.0
+
+
+def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
+    art, collected = llama_stats
+    model = ir.load(str(art.file("model.onnx")))
+    scales = {name: s.scale("percentile") for name, s in collected.items()}
+    quantize = QuantizeLinearLayersPass(frozenset({"lm_head"}), scales)
+    assert quantize(model).modified and len(quantize.quantized) == 14 and "lm_head" not in quantize.quantized
+    ir.save(model, tmp_path / "int8.onnx")
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    onnx.checker.check_model(proto)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = inits[node.input[2]]
+            assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric, zero point 0
+        if node.op_type == "QuantizeLinear":  # activations: one scale per tensor, never a MatMul's output
+            assert inits[node.input[1]].shape == ()
+            assert producers.get(node.input[0]) is None or producers[node.input[0]].op_type != "MatMul"
+    weight_dq = [n for n in proto.graph.node if n.name.endswith("/weight_dq")]
+    assert len(weight_dq) == 14
+    for node in weight_dq:
+        weight, scale = inits[node.input[0]], inits[node.input[1]]
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        assert weight.dtype == np.int8 and weight.min() >= -127 and axis == 1 and scale.shape == (weight.shape[1],)
+    lm_head = next(n for n in proto.graph.node if n.name == "lm_head")
+    assert lm_head.input[1] in inits and inits[lm_head.input[1]].dtype == np.float32  # kept in float
+    windows = tiny_samples(count=3, seed=9)
+    reference = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    quantized = accuracy.evaluate(tmp_path / "int8.onnx", art.model_facts, windows, threads=1)
+    assert quantized.agreement(reference) > 0.8
+
+
+# -- the stage through the build ---------------------------------------------------------------------------
+
+
+def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factory, tmp_path):
+    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int8",
+                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
+                     "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
+                     "--max-ppl-increase", "50", "--max-float-fraction", "0.5")
+    assert result.returncode == 0, result.stderr
+    calibrated = next((tmp_path / "store").glob("calibrate-*"))
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["stage"] == "calibrate"
+    accuracy_metrics = manifest["metrics"]["accuracy"]
+    assert accuracy_metrics["passed"] and accuracy_metrics["perplexity_increase_percent"] <= 50
+    assert manifest["metrics"]["kept_in_float"][0] == "lm_head"
+    assert "calibrate" in result.stdout and "top-1" in result.stdout
+
+
+def test_missed_gate_exits_3_and_names_layers(tiny_model_factory, tmp_path):
+    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int8",
+                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
+                     "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
+                     "--max-ppl-increase", "-50")
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "misses the accuracy gate" in last and "most sensitive layers: model.layers." in last
+    assert not list((tmp_path / "store").glob("calibrate-*"))
+
+
+def test_keep_fp_naming_no_layer_exits_2(tiny_model_factory, tmp_path):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int8",
+                     "--out", str(tmp_path / "store"), "--keep-fp", "model.layers.99.mlp.up_proj")
+    assert result.returncode == 2
+    assert "--keep-fp names no linear layer: model.layers.99.mlp.up_proj" in result.stderr.strip().splitlines()[-1]
