@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from calibration import accuracy, stats
 from calibration.data import DataConfig, load_samples
-from calibration.graph import weight_array, weight_axis
+from calibration.graph import linear_nodes, weight_array, weight_axis
 from calibration.qdq import QuantizeLinearLayersPass, fake_quantize_activation, fake_quantize_weight
 from calibration.smoothquant import SmoothQuantPass
 from runtime.artifact import Artifact, ArtifactWriter
@@ -40,9 +40,9 @@ class CalibrationConfig:
     # 'int8' (W8A8: weights per channel, activations per tensor) or 'int8-weight-only' (W8A16).
     precision: str = "int8"
     # How an activation's clipping range is chosen from its histogram: minmax, percentile, entropy or mse.
-    method: str = "percentile"
+    method: str = "mse"
     # SmoothQuant's migration strength: 0 leaves outliers in the activations, 1 moves them all to weights.
-    smoothquant_alpha: float | None = 0.5
+    smoothquant_alpha: float | None = 0.75
     # Linear layers left in float by name (the LM head by default: it is large, sensitive and cheap to keep).
     keep_fp: tuple[str, ...] = ("lm_head",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
@@ -92,20 +92,21 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
                                 work, progress)
+        increase = 100 * (chosen.evaluation.perplexity / reference.perplexity - 1)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         for name in TOKENIZER_FILES:
             if name in parent.manifest["files"]:
                 shutil.copyfile(parent.file(name), writer.dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    increase = 100 * (chosen.evaluation.perplexity / reference.perplexity - 1)
     metrics = {
         "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": chosen.evaluation.perplexity,
                      "perplexity_increase_percent": increase, "top1_agreement": chosen.evaluation.agreement(reference),
                      "gate_percent": config.max_ppl_increase, "passed": increase <= config.max_ppl_increase,
                      "eval_windows": len(samples.evaluation), "data": samples.source},
         "kept_in_float": chosen.kept,
-        "float_fraction": len(chosen.kept) / len(layers),
+        "always_float": [name for name in config.keep_fp if name not in chosen.kept],
+        "float_fraction": len(chosen.kept) / len(sensitivity),
         "smoothquant_layers": len(smoothed),
         "tried": tried,
         "calibration_seconds": round(time.perf_counter() - started, 1),
@@ -119,7 +120,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision == "int8-weight-only":
-        return source, None, _weight_sensitivity(source, facts["linear_layers"]), []
+        return source, None, _weight_sensitivity(source), []
     model = ir.load(str(source))
     inputs = stats.linear_inputs(model, facts["linear_layers"])
     tensors = sorted(set(inputs.values()))
@@ -143,9 +144,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
 def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stats, scales) -> list[str]:
     """Layers ordered from most to least damaged by W8A8: relative output error on sampled input rows."""
     errors = {}
-    for node in model.graph:
-        if node.name not in inputs:
-            continue
+    for node in linear_nodes(model.graph):
         x = tensor_stats[inputs[node.name]].rows
         weight, axis = weight_array(node), weight_axis(node)
         w = weight if axis == 1 else weight.T
@@ -155,14 +154,12 @@ def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stat
     return sorted(errors, key=errors.get, reverse=True)
 
 
-def _weight_sensitivity(source: Path, layers: list[str]) -> list[str]:
-    model = ir.load(str(source))
+def _weight_sensitivity(source: Path) -> list[str]:
     errors = {}
-    for node in model.graph:
-        if node.name in layers:
-            weight, axis = weight_array(node), weight_axis(node)
-            error = np.linalg.norm(fake_quantize_weight(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
-            errors[node.name] = float(error)
+    for node in linear_nodes(ir.load(str(source)).graph):
+        weight, axis = weight_array(node), weight_axis(node)
+        error = np.linalg.norm(fake_quantize_weight(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
+        errors[node.name] = float(error)
     return sorted(errors, key=errors.get, reverse=True)
 
 
@@ -175,9 +172,9 @@ def _emit(model_path: Path, keep: list[str], scales, destination: Path) -> Path:
 
 def _search(model_path, scales, sensitivity, reference, samples, config, facts, work, progress):
     """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
-    layers = facts["linear_layers"]
+    layers = sensitivity  # the quantizable linear layers, most sensitive first
     budget = int(config.max_float_fraction * len(layers))
-    base = list(config.keep_fp)
+    base = [name for name in config.keep_fp if name in layers]
     extra_counts = [0] + [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= budget - len(base)]
     if budget - len(base) > 0 and extra_counts[-1] != budget - len(base):
         extra_counts.append(budget - len(base))

@@ -1,6 +1,7 @@
 """`python -m runtime.bench ARTIFACT --prompt-len 128 --gen-len 128 --runs 5 [--baselines]`
 
-Token latency of the artifact through this runtime. With `--baselines`, the same graph through the plain
+Token latency of the artifact through this runtime (and of `--compare` artifacts, runs alternated, each
+printed as a ratio: an int8 build against its fp32 parent, say). With `--baselines`, the same graph through the plain
 onnxruntime-Python loop is measured in the same process, runs alternated with ours so both see the same
 machine state; PyTorch eager (transformers `generate`) is measured afterwards in a subprocess when torch is
 installed. Each baseline is printed as a ratio to this runtime. Warm-up runs are kept apart.
@@ -133,10 +134,13 @@ def rss_growth(run: Callable[[], Run], gen_len: int, tokens: int) -> dict:
 
 
 def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, options: SessionOptions, warmup: int,
-            baselines: bool, rss_tokens: int) -> dict:
+            baselines: bool, rss_tokens: int, compare: tuple[artifacts.Artifact, ...] = ()) -> dict:
     prompt = prompt_ids(art, prompt_len)
     threads = options.threads
     runners = {THIS: this_runtime(art, prompt, gen_len, options)}
+    for other in compare:  # other artifacts (say, the fp32 parent of an int8 build) through this runtime
+        runners[f"{other.stage}-{other.id} ({other.manifest.get('precision')})"] = this_runtime(
+            other, prompt, gen_len, options)
     if baselines:
         runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
     results = {name: Measurements(name) for name in runners}
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", action="store_true",
                         help="also measure the plain onnxruntime-Python loop and PyTorch eager")
     parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
+    parser.add_argument("--compare", nargs="*", default=[],
+                        help="more artifacts to run through this runtime in the same run (e.g. the fp32 parent)")
     parser.add_argument("--json", default="bench.json", help="where to write the full report")
     args = parser.parse_args(argv)
     try:
@@ -201,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             raise LmforgeError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads, provider=args.provider)
+        compare = tuple(artifacts.load(path) for path in args.compare)
         report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,
-                         args.baselines, args.rss_tokens)
+                         args.baselines, args.rss_tokens, compare)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -93,3 +93,18 @@ def test_generate_cli_streams_an_answer(default_export):
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "TTFT" in result.stderr.strip().splitlines()[-1]
+
+
+def test_int8_calibration_keeps_accuracy_on_the_default_model(default_export, tmp_path):
+    """The static W8A8 Q/DQ build meets the default gate (+3% perplexity, at most 10% of layers in float)."""
+    from calibration import calibrate
+    from calibration.data import DataConfig
+    from runtime import artifact as artifacts
+
+    config = calibrate.CalibrationConfig(data=DataConfig(samples=32, eval_samples=16))
+    with artifacts.ArtifactWriter(tmp_path, calibrate.STAGE, "int8", default_export.id, {}) as writer:
+        calibrated = calibrate.run(default_export, writer, config, progress=lambda message: None)
+    metrics = calibrated.metrics
+    assert metrics["accuracy"]["passed"] and metrics["accuracy"]["perplexity_increase_percent"] <= 3.0
+    assert metrics["float_fraction"] <= 0.10 and metrics["accuracy"]["top1_agreement"] > 0.85
+    assert metrics["smoothquant_layers"] == 180  # q/k/v, gate/up and down_proj of all 30 blocks

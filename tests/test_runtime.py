@@ -208,13 +208,17 @@ def test_generate_cli_errors_exit_2(llama, export_factory, tmp_path):
     assert result.returncode == 2 and "cannot load ONNX Runtime library" in result.stderr
 
 
-def test_bench_cli_measures_baseline_ratio_and_rss(llama, tmp_path):
+def test_bench_cli_measures_baseline_ratio_and_rss(llama, export_factory, tmp_path):
     out = tmp_path / "bench.json"
+    other = export_factory("gpt2")
     result = run_cli("runtime.bench", str(llama.path), "--prompt-len", "16", "--gen-len", "32", "--runs", "2",
-                     "--threads", "1", "--baselines", "--rss-tokens", "2000", "--json", str(out))
+                     "--threads", "1", "--baselines", "--rss-tokens", "2000", "--json", str(out),
+                     "--compare", str(other.path))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert set(report["runners"]) == {"lmforge", "onnxruntime-python", "pytorch-eager"}
+    compared = f"export-{other.id} (fp32)"
+    assert set(report["runners"]) == {"lmforge", "onnxruntime-python", "pytorch-eager", compared}
+    assert report["ratios"][compared]["tpot"] > 0
     assert report["runners"]["lmforge"]["runs"] == 2
     ratio = report["ratios"]["onnxruntime-python"]["tpot"]
     runners = report["runners"]
