@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.baselines import kv_input_names, plain_session
+from runtime.baselines import plain_session, prefill_feeds
 
 
 @dataclass
@@ -22,12 +22,7 @@ class Evaluation:
 
 
 def window_logits(session, facts: dict, window: np.ndarray) -> np.ndarray:
-    ids = window[None].astype(np.int64)
-    empty = np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-    feeds |= {name: empty for name in kv_input_names(facts["layers"])}
-    return session.run(["logits"], feeds)[0][0]
+    return session.run(["logits"], prefill_feeds(window[None], facts))[0][0]
 
 
 def evaluate(model_path: Path, facts: dict, windows: np.ndarray, threads: int) -> Evaluation:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from runtime.baselines import kv_input_names, plain_session
+from runtime.baselines import plain_session, prefill_feeds
 
 BINS = 2048
 RESERVOIR_ROWS = 64
@@ -154,15 +154,9 @@ def collect(model_path: Path, tensors: list[str], samples: np.ndarray, facts: di
 def _run_samples(session, tensors: list[str], samples: np.ndarray, facts: dict, seed: int
                  ) -> dict[str, TensorStats]:
     rng = np.random.default_rng(seed)
-    names = kv_input_names(facts["layers"])
     stats: dict[str, TensorStats] = {}
     for window in samples:
-        ids = window[None].astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-        empty = np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
-        feeds |= {name: empty for name in names}
-        for name, value in zip(tensors, session.run(tensors, feeds)):
+        for name, value in zip(tensors, session.run(tensors, prefill_feeds(window[None], facts))):
             if name not in stats:
                 stats[name] = TensorStats(channels=value.shape[-1])
             stats[name].update(value, rng)

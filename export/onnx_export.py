@@ -17,7 +17,7 @@ import numpy as np
 from calibration.graph import projection_nodes
 from export.passes.naming import NameLinearLayersPass
 from runtime.artifact import Artifact, ArtifactWriter
-from runtime.baselines import plain_greedy, plain_session
+from runtime.baselines import kv_names, plain_greedy, plain_session
 from runtime.errors import AccuracyError
 
 MODEL_FILE = "model.onnx"
@@ -38,18 +38,6 @@ class ExportConfig:
     parity_greedy_tokens: int = 32
     # Protobuf cannot hold more than 2 GiB, so larger weights go to an external data file beside the model.
     external_data_threshold_bytes: int = 2 * 1024**3
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
-
-
-def kv_names(layers: int, name=past_name) -> list[str]:
-    return [name(i, kind) for i in range(layers) for kind in ("key", "value")]
 
 
 def _kv_cache_wrapper(model):
@@ -129,7 +117,7 @@ def export_onnx(model, destination: Path, config: ExportConfig) -> list[str]:
             (input_ids, attention_mask, position_ids, past_kv),
             dynamic_shapes=dynamic_shapes,
             input_names=["input_ids", "attention_mask", "position_ids", *kv_names(layers)],
-            output_names=["logits", *kv_names(layers, present_name)],
+            output_names=["logits", *kv_names(layers, "present")],
             opset_version=config.opset,
             dynamo=True,
             verbose=False,

@@ -19,8 +19,19 @@ class LoopRun:
     step_ms: list[float] = field(default_factory=list)
 
 
-def kv_input_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def kv_names(layers: int, prefix: str = "past_key_values") -> list[str]:
+    """The contract's cache names: `past_key_values.{i}.key/value` (inputs) or `present.{i}...` (outputs)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def prefill_feeds(ids: np.ndarray, facts: dict) -> dict[str, np.ndarray]:
+    """Feeds for a prefill of `ids` [batch, sequence] from an empty cache (past length 0)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    batch, length = ids.shape
+    empty = np.zeros((batch, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
+    return feeds | {name: empty for name in kv_names(facts["layers"])}
 
 
 def plain_session(model_path: str | Path, threads: int | None = None):
@@ -35,21 +46,21 @@ def plain_session(model_path: str | Path, threads: int | None = None):
 
 def plain_greedy(session, facts: dict, prompt: np.ndarray, steps: int) -> LoopRun:
     """Greedy decoding of one prompt [1, length] for `steps` tokens, prefill with past length 0."""
-    names = kv_input_names(facts["layers"])
-    past = [np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)] * len(names)
-    ids, done = np.asarray(prompt, dtype=np.int64).reshape(1, -1), 0
+    names = kv_names(facts["layers"])
+    feeds = prefill_feeds(np.asarray(prompt, dtype=np.int64).reshape(1, -1), facts)
+    past: list[np.ndarray] = []
+    done = 0
     run = LoopRun()
     for _ in range(steps):
         started = time.perf_counter()
-        length = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, done + length), np.int64),
-                 "position_ids": np.arange(done, done + length, dtype=np.int64)[None]}
-        feeds |= dict(zip(names, past))
+        if run.tokens:  # decode: the last token, attending to everything so far
+            feeds = {"input_ids": np.array([[run.tokens[-1]]], dtype=np.int64),
+                     "attention_mask": np.ones((1, done + 1), np.int64),
+                     "position_ids": np.array([[done]], dtype=np.int64)} | dict(zip(names, past))
         logits, *past = session.run(None, feeds)
-        done += length
+        done += feeds["input_ids"].shape[1]
         run.last_logits.append(logits[0, -1])
         run.tokens.append(int(logits[0, -1].argmax()))
-        ids = np.asarray([[run.tokens[-1]]], dtype=np.int64)
         elapsed = (time.perf_counter() - started) * 1000
         if len(run.tokens) == 1:
             run.ttft_ms = elapsed

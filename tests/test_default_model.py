@@ -30,16 +30,13 @@ def test_default_model_speaks_english(default_export):
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from export.onnx_export import kv_names
+    from runtime.baselines import prefill_feeds
 
     facts = default_export.model_facts
     tokenizer = Tokenizer.from_file(str(default_export.file("tokenizer.json")))
     ids = np.array([tokenizer.encode("The capital of France is").ids], dtype=np.int64)
     session = ort.InferenceSession(str(default_export.file("model.onnx")), providers=["CPUExecutionProvider"])
-    past = [np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)] * (2 * facts["layers"])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]} | dict(zip(kv_names(facts["layers"]), past))
-    logits = session.run(["logits"], feeds)[0]
+    logits = session.run(["logits"], prefill_feeds(ids, facts))[0]
     assert tokenizer.decode([int(logits[0, -1].argmax())]).strip() == "Paris"
 
 

@@ -10,11 +10,12 @@ from tiny_models import TINY_CONFIGS
 from export import onnx_export
 from export.models import load_model, resolve
 from runtime import artifact as artifacts
+from runtime.baselines import kv_names
 
 
 def contract_names(layers):
-    inputs = ["input_ids", "attention_mask", "position_ids"] + onnx_export.kv_names(layers)
-    outputs = ["logits"] + onnx_export.kv_names(layers, onnx_export.present_name)
+    inputs = ["input_ids", "attention_mask", "position_ids"] + kv_names(layers)
+    outputs = ["logits"] + kv_names(layers, "present")
     return inputs, outputs
 
 
@@ -22,7 +23,7 @@ def feeds_for(ids, past, start):
     batch, length = ids.shape
     feeds = {"input_ids": ids, "attention_mask": np.ones((batch, start + length), np.int64),
              "position_ids": np.tile(np.arange(start, start + length, dtype=np.int64), (batch, 1))}
-    return feeds | dict(zip(onnx_export.kv_names(len(past) // 2), past))
+    return feeds | dict(zip(kv_names(len(past) // 2), past))
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))

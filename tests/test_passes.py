@@ -6,16 +6,12 @@ import onnxruntime as ort
 
 from calibration.graph import projection_nodes
 from export.passes.naming import NameLinearLayersPass
+from runtime.baselines import prefill_feeds
 
 
 def run_prefill(model_path, facts, ids):
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-    for i in range(facts["layers"]):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
-    return session.run(["logits"], feeds)[0]
+    return session.run(["logits"], prefill_feeds(ids, facts))[0]
 
 
 def test_exported_linear_layers_carry_their_module_names(export_factory):
