@@ -53,18 +53,18 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        dequantized_inputs: dict[str, ir.Value] = {}
         for node in linear_nodes(graph):
             if node.name in self.keep:
                 continue
             new_nodes = [self._dequantized_weight(graph, node)]
             if self.activation_scales is not None:
+                # A Q/DQ pair per consumer, even where q/k/v read one tensor: ONNX Runtime fuses Q/DQ + MatMul
+                # into an integer MatMul only for a pair with a single consumer; TensorRT reads both forms alike.
                 x = node.inputs[0]
-                if x.name not in dequantized_inputs:
-                    q, dq = self._activation_qdq(graph, x, self.activation_scales[x.name])
-                    new_nodes[:0] = [q, dq]
-                    dequantized_inputs[x.name] = dq.outputs[0]
-                node.replace_input_with(0, dequantized_inputs[x.name])
+                quantize = self._quantize(graph, x, self.activation_scales[x.name], node.name)
+                dequantize = self._dequantize(quantize, node.name)
+                new_nodes[:0] = [quantize, dequantize]
+                node.replace_input_with(0, dequantize.outputs[0])
             graph.insert_before(node, new_nodes)
             node.replace_input_with(1, new_nodes[-1].outputs[0])
             self.quantized.append(node.name)
@@ -80,11 +80,13 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
         return ir.node("DequantizeLinear", inputs, attributes={"axis": axis}, name=f"{base}/weight_dq",
                        outputs=[ir.Value(name=f"{base}.weight_dequantized")])
 
-    def _activation_qdq(self, graph: ir.Graph, x: ir.Value, scale: float) -> tuple[ir.Node, ir.Node]:
-        scale_value = _constant(graph, f"{x.name}.scale", np.array(scale, dtype=np.float32))
-        zero_point = _constant(graph, f"{x.name}.zero_point", np.array(0, dtype=np.int8))
-        q = ir.node("QuantizeLinear", [x, scale_value, zero_point], name=f"{x.name}/q",
-                    outputs=[ir.Value(name=f"{x.name}.quantized")])
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale_value, zero_point], name=f"{x.name}/dq",
-                     outputs=[ir.Value(name=f"{x.name}.dequantized")])
-        return q, dq
+    def _quantize(self, graph: ir.Graph, x: ir.Value, scale: float, consumer: str) -> ir.Node:
+        scale_value = _constant(graph, f"{consumer}.input_scale", np.array(scale, dtype=np.float32))
+        zero_point = _constant(graph, f"{consumer}.input_zero_point", np.array(0, dtype=np.int8))
+        return ir.node("QuantizeLinear", [x, scale_value, zero_point], name=f"{consumer}/input_q",
+                       outputs=[ir.Value(name=f"{consumer}.input_quantized")])
+
+    def _dequantize(self, quantize: ir.Node, consumer: str) -> ir.Node:
+        _, scale_value, zero_point = quantize.inputs
+        return ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_point], name=f"{consumer}/input_dq",
+                       outputs=[ir.Value(name=f"{consumer}.input_dequantized")])
