@@ -165,6 +165,15 @@ def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
     reference = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
     quantized = accuracy.evaluate(tmp_path / "int8.onnx", art.model_facts, windows, threads=1)
     assert quantized.agreement(reference) > 0.8
+    # ONNX Runtime turns every Q/DQ linear layer into an integer MatMul (where int8 gets its speed).
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in optimized.graph.node) == 14
 
 
 # -- the stage through the build ---------------------------------------------------------------------------
