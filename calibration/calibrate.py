@@ -24,6 +24,7 @@ from calibration import accuracy, stats
 from calibration.data import DataConfig, load_samples
 from calibration.graph import linear_nodes, weight_array, weight_axis
 from calibration.qdq import QuantizeLinearLayersPass, fake_quantize_activation, fake_quantize_weight
+from calibration.rotation import RotateResidualPass
 from calibration.smoothquant import SmoothQuantPass
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
@@ -43,6 +44,9 @@ class CalibrationConfig:
     method: str = "mse"
     # SmoothQuant's migration strength: 0 leaves outliers in the activations, 1 moves them all to weights.
     smoothquant_alpha: float | None = 0.75
+    # Rotate the residual stream by a random orthogonal matrix first (QuaRot-style; RMSNorm models only).
+    # Off by default: on the default model it measured +4.8% with SmoothQuant against +3.4% without it.
+    rotate: bool = False
     # Linear layers left in float by name (the LM head by default: it is large, sensitive and cheap to keep).
     keep_fp: tuple[str, ...] = ("lm_head",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
@@ -122,6 +126,12 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     if config.precision == "int8-weight-only":
         return source, None, _weight_sensitivity(source), []
     model = ir.load(str(source))
+    if config.rotate:
+        rotation = RotateResidualPass(seed=config.data.seed)
+        rotation(model)
+        source = work / "rotated.onnx"
+        ir.save(model, source)
+        progress(f"[calibrate] residual stream rotated ({len(rotation.rotated)} layers)")
     inputs = stats.linear_inputs(model, facts["linear_layers"])
     tensors = sorted(set(inputs.values()))
     progress(f"[calibrate] activation statistics of {len(tensors)} tensors on {len(samples.calibration)} windows")

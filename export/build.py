@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calib.add_argument("--calib-method", default=defaults.method, help="minmax, percentile, entropy or mse")
     calib.add_argument("--smoothquant-alpha", type=float, default=defaults.smoothquant_alpha,
                        help="SmoothQuant strength; a negative value turns it off")
+    calib.add_argument("--rotate", action="store_true",
+                       help="rotate the residual stream before quantizing (RMSNorm models)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave in float "
                        "(the LM head always is)")
     calib.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase,
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                       chat=args.calib_chat)
     keep = tuple(dict.fromkeys(["lm_head", *(n.strip() for n in args.keep_fp.split(",") if n.strip())]))
     calibration = calibrate.CalibrationConfig(
-        method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase,
+        method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)

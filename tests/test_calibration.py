@@ -212,3 +212,26 @@ def test_keep_fp_naming_no_layer_exits_2(tiny_model_factory, tmp_path):
                      "--out", str(tmp_path / "store"), "--keep-fp", "model.layers.99.mlp.up_proj")
     assert result.returncode == 2
     assert "--keep-fp names no linear layer: model.layers.99.mlp.up_proj" in result.stderr.strip().splitlines()[-1]
+
+
+def test_residual_rotation_is_exact_in_float(export_factory, tmp_path):
+    from calibration.rotation import RotateResidualPass
+
+    art = export_factory("llama")
+    model = ir.load(str(art.file("model.onnx")))
+    rotation = RotateResidualPass(seed=1)
+    assert rotation(model).modified and len(rotation.rotated) == 15  # 7 per block and the LM head
+    ir.save(model, tmp_path / "rotated.onnx")
+    windows = tiny_samples(count=3, seed=9)
+    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    after = accuracy.evaluate(tmp_path / "rotated.onnx", art.model_facts, windows, threads=1)
+    assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
+    assert after.agreement(before) == 1.0
+
+
+def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
+    from calibration.rotation import RotateResidualPass
+
+    model = ir.load(str(export_factory("gpt2").file("model.onnx")))
+    with pytest.raises(ir.passes.PreconditionError, match="needs RMSNorm"):
+        RotateResidualPass()(model)

@@ -1,0 +1,113 @@
+"""Rotate the residual stream (QuaRot / SpinQuant style) so activation outliers spread over all channels.
+
+With every RMSNorm weight folded into the linear layers that read it, RMSNorm commutes with an orthogonal
+Q (||xQ|| = ||x||), so rotating everything that writes the residual stream (the embedding table, o_proj,
+down_proj: W <- W Q) and un-rotating everything that reads it (q/k/v, gate/up, the LM head: W <- Q^T W)
+leaves the model's function unchanged in float, while a channel that was an outlier is spread over all.
+A tied LM head is untied first (it reads the embedding table through a Transpose).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from calibration.graph import linear_groups, linear_nodes, projection_nodes, set_constant, weight_array
+
+READS_RESIDUAL_NORM = "Mul"
+
+
+def random_orthogonal(size: int, seed: int) -> np.ndarray:
+    """A uniformly random orthogonal matrix (QR of a Gaussian with the signs fixed)."""
+    gaussian = np.random.default_rng(seed).standard_normal((size, size))
+    q, r = np.linalg.qr(gaussian)
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _embedding(graph: ir.Graph) -> ir.Node:
+    gathers = [n for n in graph if n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].is_initializer()
+               and n.inputs[1] is not None and n.inputs[1].name == "input_ids"]
+    if len(gathers) != 1:
+        raise ir.passes.PreconditionError("rotation needs exactly one embedding Gather reading input_ids")
+    return gathers[0]
+
+
+def _norm_weight_input(x: ir.Value) -> tuple[ir.Node, int] | None:
+    """(Mul node, index of its constant) when X is an RMSNorm's output `weight * normalized`."""
+    producer = x.producer()
+    if producer is None or producer.op_type != READS_RESIDUAL_NORM:
+        return None
+    constants = [i for i, v in enumerate(producer.inputs) if v is not None and v.is_initializer()]
+    return (producer, constants[0]) if len(constants) == 1 else None
+
+
+def _untie_lm_head(graph: ir.Graph) -> None:
+    """Give an LM head that reads the embedding through a Transpose a weight of its own."""
+    for node in projection_nodes(graph):
+        weight = node.inputs[1]
+        if weight.is_initializer():
+            continue
+        table = weight.producer().inputs[0].const_value.numpy()
+        own = ir.Value(name=f"{node.name}.weight", const_value=ir.tensor(np.ascontiguousarray(table.T)))
+        graph.register_initializer(own)
+        node.replace_input_with(1, own)
+
+
+class RotateResidualPass(ir.passes.InPlacePass):
+    """Folds RMSNorm weights into their readers and rotates the residual stream by a random orthogonal Q."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self.rotated: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        if any(node.op_type == "LayerNormalization" for node in model.graph):
+            raise ir.passes.PreconditionError("rotation needs RMSNorm (LayerNorm subtracts the mean, which a "
+                                              "rotation does not preserve); use SmoothQuant for this model")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        embedding = _embedding(graph)
+        _untie_lm_head(graph)
+        table = embedding.inputs[0].const_value.numpy()
+        q = random_orthogonal(table.shape[1], self.seed)
+        readers, writers = self._classify(graph, table.shape[1])
+        for x, nodes in readers.items():
+            norm, index = _norm_weight_input(x)
+            gamma = norm.inputs[index].const_value.numpy().astype(np.float32)
+            for node in nodes:
+                set_constant(node.inputs[1], q.T @ (gamma[:, None] * weight_array(node)))
+            ones = ir.Value(name=f"{norm.name}.unit_weight", const_value=ir.tensor(np.ones_like(gamma)))
+            graph.register_initializer(ones)
+            norm.replace_input_with(index, ones)
+            self.rotated += [node.name for node in nodes]
+        for node in writers:
+            set_constant(node.inputs[1], weight_array(node) @ q)
+            self.rotated.append(node.name)
+        rotated_table = ir.Value(name="embedding.rotated", const_value=ir.tensor(table @ q))
+        graph.register_initializer(rotated_table)
+        embedding.replace_input_with(0, rotated_table)
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # the old table, norm weights and the head's Transpose
+        return ir.passes.PassResult(model, True)
+
+    def _classify(self, graph: ir.Graph, hidden: int):
+        """Readers of the residual (grouped by their normed input) and writers into it, or a plain-words
+        error when a linear layer is neither (a pattern this pass does not know)."""
+        readers = {x: nodes for x, nodes in linear_groups(graph).items() if _norm_weight_input(x) is not None}
+        read = {node.name for nodes in readers.values() for node in nodes}
+        writers = [node for node in linear_nodes(graph) if node.name not in read
+                   and all(use.node.op_type == "Add" for use in node.outputs[0].uses())
+                   and weight_array(node).shape[1] == hidden]
+        unknown = [node.name for node in linear_nodes(graph) if node.name not in read
+                   and node not in writers and not self._inside_block(node, hidden)]
+        if unknown:
+            raise ir.passes.PreconditionError(f"rotation cannot place linear layers {unknown[:3]}: expected each to "
+                                              "read an RMSNorm output or write into the residual stream")
+        return readers, writers
+
+    @staticmethod
+    def _inside_block(node: ir.Node, hidden: int) -> bool:
+        """Layers that neither read nor write the residual (none in Llama-style blocks) keep their weights."""
+        return weight_array(node).shape[0] != hidden and weight_array(node).shape[1] != hidden
