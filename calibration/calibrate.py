@@ -23,7 +23,13 @@ import onnx_ir as ir
 from calibration import accuracy, stats
 from calibration.data import DataConfig, load_samples
 from calibration.graph import linear_nodes, weight_array, weight_axis
-from calibration.qdq import QuantizeLinearLayersPass, fake_quantize_activation, fake_quantize_weight
+from calibration.qdq import (
+    QuantizeLinearLayersPass,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    fake_quantize_weight_int4,
+    quantize_int4,
+)
 from calibration.rotation import RotateResidualPass
 from calibration.smoothquant import SmoothQuantPass
 from runtime.artifact import Artifact, ArtifactWriter
@@ -32,13 +38,14 @@ from runtime.text import load_codec
 
 STAGE = "calibrate"
 MODEL_FILE = "model.onnx"
-PRECISIONS = ("int8", "int8-weight-only")
+PRECISIONS = ("int8", "int8-weight-only", "int4")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    # 'int8' (W8A8: weights per channel, activations per tensor) or 'int8-weight-only' (W8A16).
+    # 'int8' (W8A8: weights per channel, activations per tensor), 'int8-weight-only' (W8A16) or 'int4'
+    # (weights only, symmetric blocks of 32 input channels).
     precision: str = "int8"
     # How an activation's clipping range is chosen from its histogram: minmax, percentile, entropy or mse.
     method: str = "mse"
@@ -123,8 +130,8 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     """(graph to quantize, activation scales or None, layer sensitivity order, smoothed layers)."""
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
-    if config.precision == "int8-weight-only":
-        return source, None, _weight_sensitivity(source), []
+    if config.precision != "int8":  # weight-only precisions need no activation statistics
+        return source, None, _weight_sensitivity(source, config.precision), []
     model = ir.load(str(source))
     if config.rotate:
         rotation = RotateResidualPass(seed=config.data.seed)
@@ -164,16 +171,20 @@ def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stat
     return sorted(errors, key=errors.get, reverse=True)
 
 
-def _weight_sensitivity(source: Path) -> list[str]:
+def _weight_sensitivity(source: Path, precision: str) -> list[str]:
+    fake_quantize = fake_quantize_weight_int4 if precision == "int4" else fake_quantize_weight
     errors = {}
     for node in linear_nodes(ir.load(str(source)).graph):
         weight, axis = weight_array(node), weight_axis(node)
-        error = np.linalg.norm(fake_quantize_weight(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
+        error = np.linalg.norm(fake_quantize(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
         errors[node.name] = float(error)
     return sorted(errors, key=errors.get, reverse=True)
 
 
-def _emit(model_path: Path, keep: list[str], scales, destination: Path) -> Path:
+def _emit(model_path: Path, keep: list[str], scales, destination: Path, precision: str) -> Path:
+    if precision == "int4":
+        quantize_int4(model_path, frozenset(keep), destination)
+        return destination
     model = ir.load(str(model_path))
     QuantizeLinearLayersPass(frozenset(keep), scales)(model)
     ir.save(model, destination)
@@ -192,7 +203,7 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
     best = None
     for extra in extra_counts:
         kept = base + [name for name in sensitivity if name not in base][:extra]
-        path = _emit(model_path, kept, scales, work / f"candidate-{extra}.onnx")
+        path = _emit(model_path, kept, scales, work / f"candidate-{extra}.onnx", config.precision)
         evaluation = accuracy.evaluate(path, facts, samples.evaluation, config.threads)
         increase = 100 * (evaluation.perplexity / reference.perplexity - 1)
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,

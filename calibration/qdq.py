@@ -90,3 +90,32 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
         _, scale_value, zero_point = quantize.inputs
         return ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_point], name=f"{consumer}/input_dq",
                        outputs=[ir.Value(name=f"{consumer}.input_dequantized")])
+
+
+INT4_BLOCK = 32
+
+
+def fake_quantize_weight_int4(weight: np.ndarray, axis: int, block: int = INT4_BLOCK) -> np.ndarray:
+    """Symmetric int4 in blocks of `block` input channels, as MatMulNBits / blocked DequantizeLinear store it."""
+    w = weight if axis == 1 else weight.T  # [in, out]
+    rows = -(-w.shape[0] // block) * block
+    padded = np.zeros((rows, w.shape[1]), dtype=np.float32)
+    padded[: w.shape[0]] = w
+    blocks = padded.reshape(-1, block, w.shape[1])
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / 7
+    scale = np.where(scale > 0, scale, 1.0)
+    restored = (np.clip(np.rint(blocks / scale), -8, 7) * scale).reshape(rows, -1)[: w.shape[0]]
+    return restored if axis == 1 else restored.T
+
+
+def quantize_int4(model_path, keep: frozenset[str], destination) -> None:
+    """Block-wise int4 weights as DequantizeLinear(block_size) + MatMul, through onnxruntime's quantizer:
+    TensorRT reads the blocked Q/DQ, and ONNX Runtime fuses each pair into MatMulNBits."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                     nodes_to_exclude=sorted(keep), quant_format=QuantFormat.QDQ)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(destination), use_external_data_format=False)

@@ -235,3 +235,24 @@ def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
     model = ir.load(str(export_factory("gpt2").file("model.onnx")))
     with pytest.raises(ir.passes.PreconditionError, match="needs RMSNorm"):
         RotateResidualPass()(model)
+
+
+def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_factory, tmp_path):
+    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int4",
+                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
+                     "--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "2", "--allow-accuracy-loss")
+    assert result.returncode == 0, result.stderr
+    calibrated = next((tmp_path / "store").glob("calibrate-*"))
+    proto = onnx.load(str(calibrated / "model.onnx"))
+    blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
+    assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(calibrated / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == len(blocked)
