@@ -27,6 +27,25 @@ def tiny_samples(count=6, length=48, seed=0, vocab=128):
     return np.random.default_rng(seed).integers(3, vocab, size=(count, length))
 
 
+def fused_op_count(model_path, tmp_path, op_type):
+    """How many `op_type` nodes ONNX Runtime's graph optimizations leave in the model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def build_tiny_llama(tiny_model_factory, tmp_path, precision, *flags):
+    """`python -m export.build` on the tiny Llama with a small calibration set; returns the process result."""
+    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
+    return run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", precision,
+                   "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
+                   "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2", *flags)
+
+
 # -- sample data -------------------------------------------------------------------------------------------
 
 
@@ -166,25 +185,15 @@ def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
     quantized = accuracy.evaluate(tmp_path / "int8.onnx", art.model_facts, windows, threads=1)
     assert quantized.agreement(reference) > 0.8
     # ONNX Runtime turns every Q/DQ linear layer into an integer MatMul (where int8 gets its speed).
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    assert sum(n.op_type == "MatMulIntegerToFloat" for n in optimized.graph.node) == 14
+    assert fused_op_count(tmp_path / "int8.onnx", tmp_path, "MatMulIntegerToFloat") == 14
 
 
 # -- the stage through the build ---------------------------------------------------------------------------
 
 
 def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factory, tmp_path):
-    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
-    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int8",
-                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
-                     "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
-                     "--max-ppl-increase", "50", "--max-float-fraction", "0.5")
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "50",
+                              "--max-float-fraction", "0.5")
     assert result.returncode == 0, result.stderr
     calibrated = next((tmp_path / "store").glob("calibrate-*"))
     manifest = json.loads((calibrated / "manifest.json").read_text())
@@ -196,11 +205,7 @@ def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factor
 
 
 def test_missed_gate_exits_3_and_names_layers(tiny_model_factory, tmp_path):
-    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
-    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int8",
-                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
-                     "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
-                     "--max-ppl-increase", "-50")
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "-50")
     assert result.returncode == 3, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "misses the accuracy gate" in last and "most sensitive layers: model.layers." in last
@@ -238,21 +243,11 @@ def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
 
 
 def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_factory, tmp_path):
-    (tmp_path / "text.txt").write_text("Calibration text for a tiny model. " * 400)
-    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--precision", "int4",
-                     "--out", str(tmp_path / "store"), "--calib-data", str(tmp_path / "text.txt"),
-                     "--calib-samples", "2", "--calib-seq-len", "32", "--eval-samples", "2", "--allow-accuracy-loss")
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int4", "--allow-accuracy-loss")
     assert result.returncode == 0, result.stderr
     calibrated = next((tmp_path / "store").glob("calibrate-*"))
     proto = onnx.load(str(calibrated / "model.onnx"))
     blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(calibrated / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == len(blocked)
+    assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked)
