@@ -46,6 +46,16 @@ def build_tiny_llama(tiny_model_factory, tmp_path, precision, *flags):
                    "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2", *flags)
 
 
+def assert_same_function_in_float(art, model, tmp_path):
+    """A float graph pass must not change the model: perplexity to 1e-4 and every top-1 prediction."""
+    ir.save(model, tmp_path / "transformed.onnx")
+    windows = tiny_samples(count=3, seed=9)
+    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    after = accuracy.evaluate(tmp_path / "transformed.onnx", art.model_facts, windows, threads=1)
+    assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
+    assert after.agreement(before) == 1.0
+
+
 # -- sample data -------------------------------------------------------------------------------------------
 
 
@@ -146,12 +156,7 @@ def test_smoothquant_is_exact_in_float(llama_stats, tmp_path):
     assert result.modified
     # q/k/v and gate/up fold into the norms; down_proj folds into up_proj: 6 of the 7 layers of each block.
     assert len(smoothing.smoothed) == 2 * 6 and "model.layers.1.mlp.down_proj" in smoothing.smoothed
-    ir.save(model, tmp_path / "smoothed.onnx")
-    windows = tiny_samples(count=3, seed=9)
-    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
-    after = accuracy.evaluate(tmp_path / "smoothed.onnx", art.model_facts, windows, threads=1)
-    assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
-    assert after.agreement(before) == 1.0
+    assert_same_function_in_float(art, model, tmp_path)
 
 
 def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
@@ -226,12 +231,7 @@ def test_residual_rotation_is_exact_in_float(export_factory, tmp_path):
     model = ir.load(str(art.file("model.onnx")))
     rotation = RotateResidualPass(seed=1)
     assert rotation(model).modified and len(rotation.rotated) == 15  # 7 per block and the LM head
-    ir.save(model, tmp_path / "rotated.onnx")
-    windows = tiny_samples(count=3, seed=9)
-    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
-    after = accuracy.evaluate(tmp_path / "rotated.onnx", art.model_facts, windows, threads=1)
-    assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
-    assert after.agreement(before) == 1.0
+    assert_same_function_in_float(art, model, tmp_path)
 
 
 def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
