@@ -207,8 +207,22 @@ def build(config: BuildConfig) -> list[StageResult]:
     progress(f"[build] backend {backend} ({why})")
     results = [run_export(config)]
     if config.precision in calibrate.PRECISIONS:
+        return_freed_memory()
         results.append(run_calibrate(config, results[-1].artifact))
     return results
+
+
+def return_freed_memory() -> None:
+    """Hand the export's freed PyTorch memory back to the system before calibration starts, so the two
+    stages' peaks do not add up in one process (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back explicitly
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
