@@ -15,6 +15,10 @@ class Evaluation:
     perplexity: float
     predictions: list[np.ndarray]  # argmax next token per position, per window
 
+    def increase_over(self, reference: Evaluation) -> float:
+        """Perplexity increase over the reference, in percent."""
+        return 100 * (self.perplexity / reference.perplexity - 1)
+
     def agreement(self, reference: Evaluation) -> float:
         """Share of positions whose top-1 next token equals the reference's."""
         same = sum(int((a == b).sum()) for a, b in zip(self.predictions, reference.predictions))

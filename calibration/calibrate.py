@@ -103,7 +103,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
                                 work, progress)
-        increase = 100 * (chosen.evaluation.perplexity / reference.perplexity - 1)
+        increase = chosen.evaluation.increase_over(reference)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         for name in TOKENIZER_FILES:
             if name in parent.manifest["files"]:
@@ -154,7 +154,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
         progress(f"[calibrate] SmoothQuant folded into {len(smoothed)} layers; statistics again")
     tensor_stats = stats.collect(source, tensors, samples.calibration, facts, config.threads)
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
-    sensitivity = _activation_sensitivity(ir.load(str(source)), inputs, tensor_stats, scales)
+    sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
 
 
@@ -205,17 +205,17 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
         kept = base + [name for name in sensitivity if name not in base][:extra]
         path = _emit(model_path, kept, scales, work / f"candidate-{extra}.onnx", config.precision)
         evaluation = accuracy.evaluate(path, facts, samples.evaluation, config.threads)
-        increase = 100 * (evaluation.perplexity / reference.perplexity - 1)
+        increase, agreement = evaluation.increase_over(reference), evaluation.agreement(reference)
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
-                      "top1_agreement": evaluation.agreement(reference)})
+                      "top1_agreement": agreement})
         progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}%, top-1 agreement "
-                 f"{evaluation.agreement(reference):.3f}")
+                 f"{agreement:.3f}")
         candidate = Candidate(kept, evaluation, path)
         if best is None or evaluation.perplexity < best.evaluation.perplexity:
             best = candidate
         if increase <= config.max_ppl_increase:
             return candidate, tried
-    increase = 100 * (best.evaluation.perplexity / reference.perplexity - 1)
+    increase = best.evaluation.increase_over(reference)
     if not config.allow_accuracy_loss:
         worst = ", ".join(sensitivity[:5])
         raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {increase:+.1f}% (limit "

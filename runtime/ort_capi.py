@@ -23,9 +23,8 @@ LIBRARY_ENV = "LMFORGE_ORT_LIBRARY"
 
 # ONNXTensorElementDataType values for the dtypes the contract uses.
 ELEMENT_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "int32": 6, "int64": 7, "float16": 10, "bool": 9}
-ELEMENT_DTYPES = {code: name for name, code in ELEMENT_TYPES.items()}
 
-ORT_LOGGING_LEVEL_WARNING, ORT_LOGGING_LEVEL_ERROR = 2, 3
+ORT_LOGGING_LEVEL_ERROR = 3
 ORT_ENABLE_ALL = 99
 ORT_DEVICE_ALLOCATOR, ORT_ARENA_ALLOCATOR, ORT_MEM_TYPE_DEFAULT = 0, 1, 0
 
@@ -34,13 +33,11 @@ P = c_void_p
 
 # name: (index in OrtApi, return type, argument types)
 FUNCTIONS = {
-    "CreateStatus": (0, Status, [c_int, c_char_p]),
     "GetErrorCode": (1, c_int, [Status]),
     "GetErrorMessage": (2, c_char_p, [Status]),
     "CreateEnv": (3, Status, [c_int, c_char_p, POINTER(P)]),
     "CreateSession": (7, Status, [P, c_char_p, P, POINTER(P)]),
     "CreateSessionOptions": (10, Status, [POINTER(P)]),
-    "SetOptimizedModelFilePath": (11, Status, [P, c_char_p]),
     "SetSessionGraphOptimizationLevel": (23, Status, [P, c_int]),
     "SetIntraOpNumThreads": (24, Status, [P, c_int]),
     "SetInterOpNumThreads": (25, Status, [P, c_int]),
@@ -51,30 +48,21 @@ FUNCTIONS = {
     "CreateTensorWithDataAsOrtValue": (49, Status, [P, c_void_p, c_size_t, POINTER(c_int64), c_size_t, c_int,
                                                     POINTER(P)]),
     "GetTensorMutableData": (51, Status, [P, POINTER(c_void_p)]),
-    "GetTensorElementType": (60, Status, [P, POINTER(c_int)]),
-    "GetDimensionsCount": (61, Status, [P, POINTER(c_size_t)]),
-    "GetDimensions": (62, Status, [P, POINTER(c_int64), c_size_t]),
-    "GetTensorTypeAndShape": (65, Status, [P, POINTER(P)]),
     "CreateMemoryInfo": (68, Status, [c_char_p, c_int, c_int, c_int, POINTER(P)]),
     "CreateCpuMemoryInfo": (69, Status, [c_int, c_int, POINTER(P)]),
     "AllocatorFree": (76, Status, [P, c_void_p]),
     "GetAllocatorWithDefaultOptions": (78, Status, [POINTER(P)]),
-    "ReleaseEnv": (92, None, [P]),
     "ReleaseStatus": (93, None, [P]),
     "ReleaseMemoryInfo": (94, None, [P]),
     "ReleaseSession": (95, None, [P]),
     "ReleaseValue": (96, None, [P]),
-    "ReleaseTensorTypeAndShapeInfo": (99, None, [P]),
     "ReleaseSessionOptions": (100, None, [P]),
-    "AddSessionConfigEntry": (130, Status, [P, c_char_p, c_char_p]),
     "RunWithBinding": (133, Status, [P, P, P]),
     "CreateIoBinding": (134, Status, [P, POINTER(P)]),
     "ReleaseIoBinding": (135, None, [P]),
     "BindInput": (136, Status, [P, c_char_p, P]),
     "BindOutputToDevice": (138, Status, [P, c_char_p, P]),
     "GetBoundOutputValues": (140, Status, [P, P, POINTER(POINTER(P)), POINTER(c_size_t)]),
-    "ClearBoundInputs": (141, None, [P]),
-    "ClearBoundOutputs": (142, None, [P]),
     "SessionOptionsAppendExecutionProvider_CUDA": (152, Status, [P, P]),
 }
 
