@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from calibration import accuracy, stats
+from calibration import stats
 from calibration.data import DataConfig, load_samples
 from calibration.graph import linear_nodes, weight_array, weight_axis
 from calibration.qdq import (
@@ -32,6 +32,7 @@ from calibration.qdq import (
 )
 from calibration.rotation import RotateResidualPass
 from calibration.smoothquant import SmoothQuantPass
+from runtime import accuracy
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
 from runtime.text import load_codec
@@ -99,7 +100,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
     work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
     try:
         progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")
-        reference = accuracy.evaluate(parent.file(MODEL_FILE), facts, samples.evaluation, config.threads)
+        reference = accuracy.evaluate_model(parent.file(MODEL_FILE), facts, samples.evaluation, config.threads)
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
                                 work, progress)
@@ -204,7 +205,7 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
     for extra in extra_counts:
         kept = base + [name for name in sensitivity if name not in base][:extra]
         path = _emit(model_path, kept, scales, work / f"candidate-{extra}.onnx", config.precision)
-        evaluation = accuracy.evaluate(path, facts, samples.evaluation, config.threads)
+        evaluation = accuracy.evaluate_model(path, facts, samples.evaluation, config.threads)
         increase, agreement = evaluation.increase_over(reference), evaluation.agreement(reference)
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
                       "top1_agreement": agreement})

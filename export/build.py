@@ -12,11 +12,13 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from calibration import calibrate
-from calibration.data import DataConfig
+from calibration.data import DataConfig, load_samples
+from engines import ort as ort_engine
+from engines.verify import Reference, verify
 from export import onnx_export
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
@@ -41,6 +43,7 @@ class BuildConfig:
     trust_remote_code: bool = False
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
+    engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
 
 
 @dataclass
@@ -81,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        help="accuracy gate, percent perplexity increase over fp32")
     calib.add_argument("--max-float-fraction", type=float, default=defaults.max_float_fraction)
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
-    calib.add_argument("--threads", type=int, default=defaults.threads)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--threads", type=int, default=defaults.threads,
+                        help="intra-op threads for calibration, verification and the engine's session")
+    engine.add_argument("--provider", default=ort_engine.EngineConfig.provider,
+                        help=f"ONNX Runtime execution provider: {', '.join(ort_engine.PROVIDERS)}")
+    engine.add_argument("--no-fuse-attention", action="store_true",
+                        help="keep the exported attention instead of GroupQueryAttention")
     args = parser.parse_args(argv)
     if args.precision not in PRECISIONS:
         raise BadInputError(f"unknown precision {args.precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -96,8 +105,12 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
+    if args.threads < 1:
+        raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
+    engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
+                                            fuse_attention=not args.no_fuse_attention)
     return BuildConfig(model=args.model, precision=args.precision, out=Path(args.out), backend=args.backend,
-                       trust_remote_code=args.trust_remote_code, calibration=calibration)
+                       trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config)
 
 
 def check_writable(folder: Path) -> None:
@@ -175,11 +188,44 @@ def run_calibrate(config: BuildConfig, parent: artifacts.Artifact) -> StageResul
                      lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
 
 
+def run_engine(config: BuildConfig, parent: artifacts.Artifact, export: artifacts.Artifact) -> StageResult:
+    ort_engine.check_provider(config.engine.provider)
+    data = config.calibration.data
+    stage_config = ort_engine.stage_config(config.engine) | {"verification_data": asdict(data)}
+
+    def produce(writer):
+        windows = verification_windows(export, data)
+        progress(f"[engine] fp32 reference on {len(windows)} held-out windows")
+        reference = Reference.of(export, windows, config.engine.threads)
+        return ort_engine.run(parent, writer, config.engine, progress=progress,
+                              verify=lambda engine: verify(engine, parent, reference))
+
+    return run_stage(config.out, ort_engine.STAGE, parent.id, stage_config, produce)
+
+
+def verification_windows(export: artifacts.Artifact, data: DataConfig):
+    """The calibration data's held-out windows (the same the calibration gate used), or seeded random token
+    windows for a model exported without a tokenizer."""
+    import numpy as np
+
+    from runtime.text import load_codec
+
+    facts = export.model_facts
+    if facts.get("tokenizer"):
+        return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
+    rng = np.random.default_rng(data.seed)
+    return rng.integers(0, facts["vocab_size"], size=(data.eval_samples, min(data.seq_len, 64)), dtype=np.int64)
+
+
 def accuracy_text(metrics: dict) -> str:
     if "parity" in metrics:
         parity = metrics["parity"]
         return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
                 f"{parity['greedy_matching']}/{parity['greedy_tokens']}")
+    if "verification" in metrics:
+        check = metrics["verification"]
+        return (f"vs fp32: ppl {check['perplexity_increase_percent']:+.2f}%, top-1 {check['top1_agreement']:.3f}, "
+                f"{check['logits']['statistic']}|dlogits| {check['logits'][check['logits']['statistic']]:.1e}")
     if "accuracy" in metrics:
         acc = metrics["accuracy"]
         return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
@@ -209,6 +255,8 @@ def build(config: BuildConfig) -> list[StageResult]:
     if config.precision in calibrate.PRECISIONS:
         return_freed_memory()
         results.append(run_calibrate(config, results[-1].artifact))
+    if backend == "ort":
+        results.append(run_engine(config, results[-1].artifact, export=results[0].artifact))
     return results
 
 

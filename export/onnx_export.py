@@ -161,9 +161,35 @@ def model_facts(model, tokenizer) -> dict[str, Any]:
         "bos_token_id": bos,
         "eos_token_ids": eos if isinstance(eos, list) else ([eos] if eos is not None else []),
         "max_context": getattr(config, "max_position_embeddings", None),
+        "sliding_window": sliding_window(config),
+        "rope": rotary_facts(model),
         "tokenizer": tokenizer is not None,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
+
+
+# Rotary embeddings whose tables depend only on the position: an engine may precompute them (issue: fusion).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rotary_facts(model) -> dict[str, Any] | None:
+    """The rotary embedding's inverse frequencies and scaling, so engines can build the cos/sin tables without
+    torch; None when the model has no rotary embedding or its tables change with the sequence length."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if inv_freq is not None and hasattr(module, "attention_scaling"):
+            if getattr(module, "rope_type", "default") not in STATIC_ROPE_TYPES:
+                return None
+            return {"inv_freq": inv_freq.float().tolist(), "attention_scaling": float(module.attention_scaling),
+                    "rope_type": getattr(module, "rope_type", "default")}
+    return None
+
+
+def sliding_window(config) -> int | None:
+    """The attention window when it is shorter than the context (Mistral-style local attention)."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    context = getattr(config, "max_position_embeddings", None)
+    return window if window and (context is None or window < context) else None
 
 
 def parity_prompt_ids(tokenizer, vocab_size: int) -> np.ndarray:

@@ -196,6 +196,12 @@ class ArtifactWriter:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def provisional(self, io: dict[str, Any], **manifest: Any) -> Artifact:
+        """The folder as an Artifact before it is committed, so a stage can run what it wrote (engine
+        verification) and still leave nothing behind when that check fails."""
+        files = {str(p.relative_to(self.dir)): {"size": p.stat().st_size} for p in self.dir.rglob("*") if p.is_file()}
+        return Artifact(self.dir, {"id": self.ident, "stage": self.stage, "files": files, "io": io} | manifest)
+
     def commit(self, io: dict[str, Any], metrics: dict[str, Any] | None = None, precision: str = "fp32",
                backend: str | None = None, versions: dict[str, Any] | None = None) -> Artifact:
         files = {

@@ -41,7 +41,7 @@ def export_factory(tiny_model_factory, tmp_path_factory):
         key = (arch, tokenizer)
         if key not in exported:
             model = str(tiny_model_factory(arch, tokenizer))
-            exported[key] = build(BuildConfig(model=model, out=store))[-1].artifact
+            exported[key] = build(BuildConfig(model=model, out=store))[0].artifact
         return exported[key]
 
     return factory
@@ -52,7 +52,7 @@ def default_export(tmp_path_factory):
     """The default model exported once per test session (slow: only for tests marked slow)."""
     from export.build import BuildConfig, build
 
-    return build(BuildConfig(out=tmp_path_factory.mktemp("default-store")))[-1].artifact
+    return build(BuildConfig(out=tmp_path_factory.mktemp("default-store")))[0].artifact
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

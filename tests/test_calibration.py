@@ -8,10 +8,11 @@ import onnx_ir as ir
 import pytest
 from conftest import run_cli
 
-from calibration import accuracy, stats
+from calibration import stats
 from calibration.data import DataConfig, default_documents, load_samples, split_documents
 from calibration.qdq import QuantizeLinearLayersPass
 from calibration.smoothquant import SmoothQuantPass
+from runtime import accuracy
 
 
 class ByteCodec:
@@ -50,8 +51,8 @@ def assert_same_function_in_float(art, model, tmp_path):
     """A float graph pass must not change the model: perplexity to 1e-4 and every top-1 prediction."""
     ir.save(model, tmp_path / "transformed.onnx")
     windows = tiny_samples(count=3, seed=9)
-    before = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
-    after = accuracy.evaluate(tmp_path / "transformed.onnx", art.model_facts, windows, threads=1)
+    before = accuracy.evaluate_model(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    after = accuracy.evaluate_model(tmp_path / "transformed.onnx", art.model_facts, windows, threads=1)
     assert after.perplexity == pytest.approx(before.perplexity, rel=1e-4)
     assert after.agreement(before) == 1.0
 
@@ -186,8 +187,8 @@ def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
     lm_head = next(n for n in proto.graph.node if n.name == "lm_head")
     assert lm_head.input[1] in inits and inits[lm_head.input[1]].dtype == np.float32  # kept in float
     windows = tiny_samples(count=3, seed=9)
-    reference = accuracy.evaluate(art.file("model.onnx"), art.model_facts, windows, threads=1)
-    quantized = accuracy.evaluate(tmp_path / "int8.onnx", art.model_facts, windows, threads=1)
+    reference = accuracy.evaluate_model(art.file("model.onnx"), art.model_facts, windows, threads=1)
+    quantized = accuracy.evaluate_model(tmp_path / "int8.onnx", art.model_facts, windows, threads=1)
     assert quantized.agreement(reference) > 0.8
     # ONNX Runtime turns every Q/DQ linear layer into an integer MatMul (where int8 gets its speed).
     assert fused_op_count(tmp_path / "int8.onnx", tmp_path, "MatMulIntegerToFloat") == 14

@@ -1,7 +1,10 @@
-"""Accuracy against the fp32 parent: perplexity on held-out windows and top-1 next-token agreement."""
+"""Accuracy against the fp32 parent: perplexity on held-out windows and top-1 next-token agreement.
+
+Used by calibration (on candidate graphs) and by engine verification (through a runtime Session)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +28,27 @@ class Evaluation:
         return same / sum(len(p) for p in reference.predictions)
 
 
-def window_logits(session, facts: dict, window: np.ndarray) -> np.ndarray:
-    return session.run(["logits"], prefill_feeds(window[None], facts))[0][0]
-
-
-def evaluate(model_path: Path, facts: dict, windows: np.ndarray, threads: int) -> Evaluation:
-    """Perplexity of each window's next tokens (teacher forcing), and the top-1 predictions."""
+def evaluate_model(model_path: Path, facts: dict, windows: np.ndarray, threads: int) -> Evaluation:
+    """Evaluate an ONNX file with onnxruntime's Python API (candidate graphs that are not artifacts yet)."""
     session = plain_session(model_path, threads)
+    return evaluate(lambda window: session.run(["logits"], prefill_feeds(window[None], facts))[0][0], windows)
+
+
+def evaluate_session(session, windows: np.ndarray) -> Evaluation:
+    """Evaluate through a runtime Session, the way services will run the engine."""
+
+    def logits_of(window: np.ndarray) -> np.ndarray:
+        session.reset()
+        return np.array(session.prefill(window[None])[0])
+
+    return evaluate(logits_of, windows)
+
+
+def evaluate(logits_of: Callable[[np.ndarray], np.ndarray], windows: Iterable[np.ndarray]) -> Evaluation:
+    """Perplexity of each window's next tokens (teacher forcing), and the top-1 predictions."""
     nll, count, predictions = 0.0, 0, []
     for window in windows:
-        logits = window_logits(session, facts, window)[:-1].astype(np.float64)
+        logits = logits_of(window)[:-1].astype(np.float64)
         targets = window[1:]
         peak = logits.max(axis=-1, keepdims=True)
         log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))

@@ -1,0 +1,207 @@
+"""Attention fusion for ONNX Runtime: each layer's exported attention (about 60 primitive ops: reshapes,
+rotary halves, the repeated KV heads, the causal mask, softmax) becomes two `RotaryEmbedding` nodes and one
+`GroupQueryAttention` node (ONNX Runtime contrib ops, com.microsoft).
+
+Decode of a small model is bound by per-op overhead, so the op count is where the speed is. The rewrite is
+anchored on the projections' names (`model.layers.N.self_attn.{q,k,v,o}_proj`, given by the export's naming
+pass) rather than on the op pattern between them, so it holds for every exporter version; what lies between
+is removed as dead code. The ONNX contract (inputs, outputs, KV-cache layout) is unchanged.
+
+Padding: every row of a batch keeps the full cache length (`seqlens_k` = total - 1 for all rows) and
+left-padded positions are masked through `attention_bias`; positions come from `position_ids`, as in the
+exported graph, so batches with left padding stay exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from runtime.errors import BadInputError
+
+CONTRIB = "com.microsoft"
+# Families whose attention is exactly q/k/v projections, rotate-half RoPE on q and k, and causal softmax
+# attention with grouped KV heads. Qwen3 adds per-head q/k norms, Phi-3 and GPT-2 fuse q/k/v into one
+# projection, GPT-NeoX rotates part of each head: those keep the exported attention.
+FUSABLE_FAMILIES = ("llama", "mistral", "qwen2")
+QUERY_PROJECTION = re.compile(r"^(?P<prefix>.*\.(?P<layer>\d+)\.self_attn\.)q_proj$")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class AttentionFacts:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    inv_freq: tuple[float, ...]
+    attention_scaling: float
+
+    @classmethod
+    def from_model_facts(cls, facts: dict) -> tuple[AttentionFacts | None, str]:
+        """The facts, or None and the reason attention cannot be fused for this model."""
+        if facts.get("model_type") not in FUSABLE_FAMILIES:
+            return None, f"{facts.get('model_type')} attention is not the plain q/k/v + RoPE kind"
+        rope = facts.get("rope")
+        if not rope:
+            return None, "the export recorded no static rotary embedding (re-export, or dynamic RoPE scaling)"
+        if facts.get("sliding_window"):
+            return None, "sliding-window attention is kept as exported"
+        return cls(facts["attention_heads"], facts["kv_heads"], facts["head_dim"], facts["max_context"],
+                   tuple(rope["inv_freq"]), float(rope["attention_scaling"])), "fused"
+
+    def rotary_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin caches [max_context, head_dim / 2], the way transformers computes them, in float64 first."""
+        angles = np.outer(np.arange(self.max_context, dtype=np.float64), np.asarray(self.inv_freq, np.float64))
+        return ((np.cos(angles) * self.attention_scaling).astype(np.float32),
+                (np.sin(angles) * self.attention_scaling).astype(np.float32))
+
+
+@dataclass
+class _Layer:
+    index: int
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    attention_output: ir.Value
+
+
+class FuseAttentionPass(ir.passes.InPlacePass):
+    def __init__(self, facts: AttentionFacts):
+        super().__init__()
+        self.facts = facts
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        layers = find_attention_layers(graph)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        shared = _SharedInputs(graph, self.facts)
+        for layer in layers:
+            self._fuse(graph, layer, shared)
+        model.opset_imports.setdefault(CONTRIB, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        ir.passes.common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, True)
+
+    def _fuse(self, graph: ir.Graph, layer: _Layer, shared: _SharedInputs) -> None:
+        i, facts = layer.index, self.facts
+        past_key, past_value = shared.input(f"past_key_values.{i}.key"), shared.input(f"past_key_values.{i}.value")
+        rotated = [shared.add(ir.node("RotaryEmbedding", [x, shared.positions, shared.cos, shared.sin],
+                                      domain=CONTRIB, attributes={"interleaved": 0},
+                                      name=f"layers.{i}.rotary_{kind}"))
+                   for x, kind in ((layer.query, "q"), (layer.key, "k"))]
+        attention = shared.add(ir.node(
+            "GroupQueryAttention",
+            [rotated[0], rotated[1], layer.value, past_key, past_value, shared.seqlens, shared.total_length,
+             None, None, None, shared.bias],
+            domain=CONTRIB, num_outputs=3, name=f"layers.{i}.attention",
+            attributes={"num_heads": facts.heads, "kv_num_heads": facts.kv_heads, "do_rotary": 0}))
+        output, present_key, present_value = attention.outputs
+        output.shape, output.type = layer.attention_output.shape, layer.attention_output.type
+        ir.convenience.replace_all_uses_with(layer.attention_output, output)
+        _replace_graph_output(graph, f"present.{i}.key", present_key)
+        _replace_graph_output(graph, f"present.{i}.value", present_value)
+
+
+def find_attention_layers(graph: ir.Graph) -> list[_Layer]:
+    nodes = {node.name: node for node in graph}
+    layers = []
+    for name in nodes:
+        match = QUERY_PROJECTION.match(name or "")
+        if match is None:
+            continue
+        prefix = match["prefix"]
+        missing = [p for p in ("k_proj", "v_proj", "o_proj") if prefix + p not in nodes]
+        if missing:
+            raise BadInputError(f"layer {prefix[:-1]} has q_proj but no {', '.join(missing)}; the graph is not a "
+                                "plain exported attention (re-export with `python -m export.build`)")
+        layers.append(_Layer(int(match["layer"]), _projection_output(nodes[name]),
+                             _projection_output(nodes[prefix + "k_proj"]), _projection_output(nodes[prefix + "v_proj"]),
+                             _before_qdq(nodes[prefix + "o_proj"].inputs[0])))
+    return sorted(layers, key=lambda layer: layer.index)
+
+
+def _projection_output(node: ir.Node) -> ir.Value:
+    """The projection's result including its bias (Qwen2 adds q/k/v biases in a separate Add)."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        if other is not None and other.is_initializer():
+            return uses[0].node.outputs[0]
+    return out
+
+
+def _before_qdq(value: ir.Value) -> ir.Value:
+    """An int8 o_proj reads the attention output through QuantizeLinear -> DequantizeLinear."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in QDQ_OPS:
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
+def _replace_graph_output(graph: ir.Graph, name: str, value: ir.Value) -> None:
+    index = next(i for i, out in enumerate(graph.outputs) if out.name == name)
+    old = graph.outputs[index]
+    value.shape, value.type = old.shape, old.type
+    old.name = f"{name}.unfused"
+    graph.outputs[index] = value
+    value.name = name
+
+
+class _SharedInputs:
+    """Values every fused layer reads, built once: rotary tables, cache lengths and the padding bias."""
+
+    def __init__(self, graph: ir.Graph, facts: AttentionFacts):
+        self.graph = graph
+        cos, sin = facts.rotary_tables()
+        self.cos = self._initializer("rotary.cos_cache", cos)
+        self.sin = self._initializer("rotary.sin_cache", sin)
+        self.positions = self.input("position_ids")
+        mask, ids = self.input("attention_mask"), self.input("input_ids")
+        total = self.add(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}))  # int64 [1]
+        batch = self.add(ir.node("Shape", [ids], attributes={"start": 0, "end": 1}))
+        sequence = self.add(ir.node("Shape", [ids], attributes={"start": 1, "end": 2}))
+        total32 = self.add(ir.node("Cast", [total], attributes={"to": ir.DataType.INT32}))
+        self.total_length = self.add(ir.node("Squeeze", [total32]))
+        last = self.add(ir.node("Sub", [total32, self._initializer("attention.one", np.ones(1, np.int32))]))
+        self.seqlens = self.add(ir.node("Expand", [last, batch]))
+        self.bias = self._padding_bias(mask, batch, sequence, total)
+
+    def input(self, name: str) -> ir.Value:
+        for value in self.graph.inputs:
+            if value.name == name:
+                return value
+        raise BadInputError(f"the graph has no input {name!r}; it does not follow the ONNX contract "
+                            "(re-export with `python -m export.build`)")
+
+    def add(self, node: ir.Node):
+        """Append the node (the pass sorts the graph at the end); its output, or the node if it has several."""
+        self.graph.append(node)
+        return node.outputs[0] if len(node.outputs) == 1 else node
+
+    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        self.graph.register_initializer(value)
+        return value
+
+    def _padding_bias(self, mask: ir.Value, batch: ir.Value, sequence: ir.Value, total: ir.Value) -> ir.Value:
+        """[batch, 1, sequence, total]: 0 where the key is a real token, the float minimum where it is padding
+        (finite, so a fully padded query row gives uniform weights instead of NaN)."""
+        keep = self.add(ir.node("Cast", [mask], attributes={"to": ir.DataType.FLOAT}))
+        lowest = self._initializer("attention.lowest", np.array(np.finfo(np.float32).min, np.float32))
+        one = self._initializer("attention.one_float", np.array(1.0, np.float32))
+        padding = self.add(ir.node("Sub", [one, keep]))
+        bias = self.add(ir.node("Mul", [padding, lowest]))
+        axes = self._initializer("attention.axes_1_2", np.array([1, 2], np.int64))
+        bias = self.add(ir.node("Unsqueeze", [bias, axes]))
+        one64 = self._initializer("attention.one_int64", np.ones(1, np.int64))
+        shape = self.add(ir.node("Concat", [batch, one64, sequence, total], attributes={"axis": 0}))
+        return self.add(ir.node("Expand", [bias, shape]))

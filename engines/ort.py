@@ -1,0 +1,141 @@
+"""The ONNX Runtime engine: the parent graph (fp32, pruned or Q/DQ) rewritten the way ONNX Runtime runs it
+fastest, with the ONNX contract's inputs and outputs kept so the runtime drives every engine the same way.
+
+1. `FuseAttentionPass` (ours, engines/fusion.py): attention -> GroupQueryAttention + RotaryEmbedding.
+2. ONNX Runtime's transformer optimizer: RMSNorm / residual-add fusions (SkipSimplifiedLayerNormalization).
+3. ONNX Runtime's offline graph optimization for the target provider (Q/DQ -> MatMulIntegerToFloat,
+   MatMulNBits, constant folding), saved into the artifact so a session starts without redoing it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from engines.fusion import AttentionFacts, FuseAttentionPass
+from runtime.artifact import Artifact, ArtifactWriter
+from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
+
+STAGE = "engine"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Execution provider the graph is optimized for; ONNX Runtime's offline fusions are provider-specific.
+    provider: str = "cpu"
+    # Intra-op threads the engine is verified and measured with (recorded; a service may choose others).
+    threads: int = 2
+    # Replace each layer's exported attention with GroupQueryAttention where the model family allows it.
+    fuse_attention: bool = True
+
+
+def stage_config(config: EngineConfig) -> dict[str, Any]:
+    return {"backend": "ort"} | asdict(config)
+
+
+def check_provider(provider: str) -> None:
+    import onnxruntime
+
+    if provider not in PROVIDERS:
+        raise BadInputError(f"unknown execution provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in onnxruntime.get_available_providers():
+        raise LmforgeError(f"this onnxruntime has no {PROVIDERS[provider]}; install onnxruntime-gpu for "
+                           "--provider cuda, or use --provider cpu", exit_code=EXIT_BACKEND_UNAVAILABLE)
+
+
+def build_graph(parent: Artifact, destination: Path, config: EngineConfig, work: Path) -> dict[str, Any]:
+    """Write the optimized graph to `destination`; returns what was fused and the op counts."""
+    check_provider(config.provider)
+    model = ir.load(parent.file(MODEL_FILE))
+    before = op_counts(model)
+    facts, reason = AttentionFacts.from_model_facts(parent.model_facts)
+    if not config.fuse_attention:
+        facts, reason = None, "disabled (--no-fuse-attention)"
+    if facts is not None and not FuseAttentionPass(facts)(model).modified:
+        reason = "no q/k/v/o projections named in the graph"
+    fused = work / "fused.onnx"
+    ir.save(model, fused)
+    del model
+    normed = work / "normed.onnx"
+    fuse_norms(fused, normed)
+    optimize_offline(normed, destination, config)
+    after = op_counts(ir.load(destination))
+    return {"attention": reason, "ops_before": sum(before.values()), "ops_after": sum(after.values()),
+            "op_types_after": dict(after.most_common())}
+
+
+def fuse_norms(source: Path, destination: Path) -> None:
+    """ONNX Runtime's transformer optimizer, only for what it recognises in our export: RMSNorm and the
+    residual add before it. Its own attention fusions do not match a dynamo export; ours did that."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # The generic ('bert') optimizer without the fusions that would change the graph's inputs (embedding)
+    # or that we do ourselves (attention, rotary); the 'gpt2' one rewrites Gemm nodes it assumes have a bias.
+    options = FusionOptions("bert")
+    options.enable_attention = options.enable_rotary_embeddings = options.enable_embed_layer_norm = False
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                               optimization_options=options, use_gpu=False)
+    optimized.save_model_to_file(str(destination), use_external_data_format=_needs_external_data(source))
+
+
+def optimize_offline(source: Path, destination: Path, config: EngineConfig) -> None:
+    """Let ONNX Runtime apply its provider's graph optimizations once and save the result. Extended level:
+    the layout-specific ones of the 'all' level are redone cheaply when a session loads the engine."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(destination)
+    options.intra_op_num_threads = config.threads
+    if _needs_external_data(source):
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         destination.name + ".data")
+    onnxruntime.InferenceSession(str(source), options, providers=[PROVIDERS[config.provider]])
+
+
+def _needs_external_data(path: Path) -> bool:
+    """Protobuf cannot hold a model over 2 GiB in one file."""
+    total = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + "*.data"))
+    return total > 1.8 * 2**30
+
+
+def op_counts(model: ir.Model | onnx.ModelProto) -> collections.Counter:
+    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
+    return collections.Counter(node.op_type for node in nodes)
+
+
+def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=None, progress=print) -> Artifact:
+    """Build the engine into the writer's folder, verify it (`verify(provisional_artifact) -> metrics`, which
+    raises to fail the build) and commit it."""
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
+    try:
+        progress(f"[engine] fusing attention and norms, ONNX Runtime offline optimization ({config.provider})")
+        graph = build_graph(parent, writer.dir / MODEL_FILE, config, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for name in TOKENIZER_FILES:
+        if name in parent.manifest["files"]:
+            shutil.copyfile(parent.file(name), writer.dir / name)
+    progress(f"[engine] {graph['ops_before']} -> {graph['ops_after']} ops; attention: {graph['attention']}")
+    session = {"provider": config.provider, "threads": config.threads, "graph_optimization": "extended (saved)"}
+    metrics = {"fusion": graph, "session": session, "build_seconds": round(time.perf_counter() - started, 1)}
+    precision = parent.manifest.get("precision", "fp32")
+    if verify is not None:
+        provisional = writer.provisional(parent.io, precision=precision, backend="ort")
+        metrics["verification"] = verify(provisional)
+    return writer.commit(io=parent.io, metrics=metrics, precision=precision, backend="ort")

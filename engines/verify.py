@@ -1,0 +1,154 @@
+"""Verification of an engine against the fp32 export, after every build.
+
+Two checks, either of which fails the build (exit 3):
+- logits on the same feeds, compared with Polygraphy's comparator (per-output tolerance and error statistic
+  by precision: an fp32 engine must match elementwise, a quantized one on average);
+- perplexity and top-1 agreement through the runtime, the way services run it: the engine may not lose
+  more than `PPL_SLACK_POINTS` beyond what its parent artifact already gave up (its calibration gate).
+On failure the first linear layer whose output diverges from the parent graph is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime import accuracy
+from runtime.artifact import Artifact
+from runtime.baselines import prefill_feeds
+from runtime.errors import AccuracyError
+from runtime.session import SessionOptions
+from runtime.session import open as open_session
+
+MODEL_FILE = "model.onnx"
+# (error statistic, absolute tolerance) on logits against the fp32 export, by precision.
+LOGITS_TOLERANCE = {"fp32": ("max", 1e-3), "fp16": ("mean", 5e-2), "int8": ("mean", 1.0),
+                    "int8-weight-only": ("mean", 0.5), "int4": ("mean", 2.0)}
+# Percentage points of perplexity an engine may add to its parent's (fusions reorder float sums; with int8
+# activations that can flip a rounding, but it must never cost real accuracy).
+PPL_SLACK_POINTS = 0.5
+LAYER_DIVERGENCE = 1e-2  # relative error at which a linear layer's output counts as diverged
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every engine of one export is checked against: the fp32 graph and its held-out evaluation."""
+
+    export: Artifact
+    windows: np.ndarray
+    evaluation: accuracy.Evaluation
+    threads: int
+
+    @classmethod
+    def of(cls, export: Artifact, windows: np.ndarray, threads: int) -> Reference:
+        evaluation = accuracy.evaluate_model(export.file(MODEL_FILE), export.model_facts, windows, threads)
+        return cls(export, windows, evaluation, threads)
+
+
+def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str, Any]:
+    """Metrics of the engine against the fp32 reference; raises AccuracyError when it fails."""
+    precision = engine.manifest.get("precision", "fp32")
+    logits = compare_logits(reference.export, engine, reference.windows[:2], precision, reference.threads)
+    evaluation = evaluate_engine(engine, reference.windows, reference.threads)
+    increase = evaluation.increase_over(reference.evaluation)
+    allowed = parent_increase(parent, reference) + PPL_SLACK_POINTS
+    metrics = {"logits": logits, "perplexity_fp32": reference.evaluation.perplexity,
+               "perplexity": evaluation.perplexity, "perplexity_increase_percent": increase,
+               "allowed_increase_percent": allowed, "top1_agreement": evaluation.agreement(reference.evaluation)}
+    problems = []
+    if not logits["passed"]:
+        problems.append(f"{logits['statistic']} |dlogits| {logits[logits['statistic']]:.3g} over the "
+                        f"{precision} tolerance {logits['tolerance']:g}")
+    if increase > allowed:
+        problems.append(f"perplexity +{increase:.2f}% over fp32, more than the {allowed:.2f}% allowed")
+    if problems:
+        layer = first_divergent_layer(parent, engine, reference.windows[0])
+        where = f"; first diverging layer: {layer}" if layer else ""
+        raise AccuracyError(f"engine verification failed: {'; '.join(problems)}{where}. Rebuild without the "
+                            "fusion (--no-fuse-attention) or report the model")
+    return metrics
+
+
+def parent_increase(parent: Artifact, reference: Reference) -> float:
+    """The perplexity increase the parent artifact was accepted with (0 for an fp32 export)."""
+    recorded = parent.metrics.get("accuracy", {})
+    if "perplexity" not in recorded:
+        return 0.0
+    return 100 * (recorded["perplexity"] / reference.evaluation.perplexity - 1)
+
+
+def evaluate_engine(engine: Artifact, windows: np.ndarray, threads: int) -> accuracy.Evaluation:
+    session = open_session(engine, SessionOptions(threads=threads))
+    try:
+        return accuracy.evaluate_session(session, windows)
+    finally:
+        session.close()
+
+
+def compare_logits(reference: Artifact, engine: Artifact, windows: np.ndarray, precision: str,
+                   threads: int) -> dict[str, Any]:
+    """Polygraphy's comparator on the logits of both graphs for the same prefill feeds."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-iteration report would bury our progress lines
+    statistic, tolerance = LOGITS_TOLERANCE.get(precision, LOGITS_TOLERANCE["int8"])
+    feeds = [prefill_feeds(window[None], reference.model_facts) for window in windows]
+    runners = [_runner(reference.file(MODEL_FILE), "fp32", threads),
+               _runner(engine.file(MODEL_FILE), "engine", threads)]
+    results = Comparator.run(runners, data_loader=feeds)
+    only_logits = SimpleCompareFunc(atol={"logits": tolerance}, rtol={"logits": 0.0},
+                                     check_error_stat={"logits": statistic},
+                                     find_output_func=lambda name, index, result: [name] if name == "logits" else [])
+    passed = bool(Comparator.compare_accuracy(results, compare_func=only_logits))
+    diffs = [np.abs(a["logits"] - b["logits"]) for a, b in zip(results[0][1], results[1][1])]
+    return {"passed": passed, "statistic": statistic, "tolerance": tolerance,
+            "max": float(max(d.max() for d in diffs)), "mean": float(np.mean([d.mean() for d in diffs]))}
+
+
+def _runner(path, name: str, threads: int):
+    import onnxruntime
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    def session():
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    return OnnxrtRunner(session, name=name)
+
+
+def first_divergent_layer(parent: Artifact, engine: Artifact, window: np.ndarray) -> str | None:
+    """The first linear layer (in graph order) whose output differs between the parent graph and the engine,
+    found by marking every named layer's output in both and running them on one window."""
+    import onnxruntime
+
+    names = parent.model_facts.get("linear_layers", [])
+    outputs = {}
+    for role, artifact in (("parent", parent), ("engine", engine)):
+        model_bytes, marked = _mark_layer_outputs(artifact.file(MODEL_FILE), names)
+        session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        values = session.run(list(marked.values()), prefill_feeds(window[None], parent.model_facts))
+        outputs[role] = {layer: value for layer, value in zip(marked, values)}
+    for layer in names:
+        a, b = outputs["parent"].get(layer), outputs["engine"].get(layer)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        if np.abs(a - b).max() > LAYER_DIVERGENCE * max(np.abs(a).max(), 1e-6):
+            return layer
+    return None
+
+
+def _mark_layer_outputs(path, layers: list[str]) -> tuple[bytes, dict[str, str]]:
+    """The model with each named layer's output added as a graph output; layer -> output name."""
+    import onnx
+
+    model = onnx.load(str(path))
+    by_name = {node.name: node for node in model.graph.node}
+    marked = {layer: by_name[layer].output[0] for layer in layers if layer in by_name}
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=out) for out in marked.values() if out not in existing)
+    return model.SerializeToString(), marked

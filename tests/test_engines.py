@@ -1,0 +1,120 @@
+"""The ONNX Runtime engine on tiny models: attention fusion keeps the ONNX contract and the numbers, the
+stage records what it did, and verification fails a wrong engine, naming the layer."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import run_cli
+from test_calibration import build_tiny_llama
+
+from engines import ort as ort_engine
+from engines.verify import Reference, verify
+from runtime import artifact as artifacts
+from runtime.artifact import ArtifactWriter
+from runtime.errors import AccuracyError
+from runtime.session import SessionOptions
+from runtime.session import open as open_session
+
+
+def build_engine(export, tmp_path, **config):
+    """The engine stage on an export, without verification."""
+    with ArtifactWriter(tmp_path / "store", ort_engine.STAGE, "test", export.id, {}) as writer:
+        return ort_engine.run(export, writer, ort_engine.EngineConfig(threads=1, **config), progress=lambda _: None)
+
+
+def left_padded_run(artifact, prompts, steps=3):
+    """Logits of a left-padded batch's prefill and greedy decode steps through the runtime, with the mask."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    session = open_session(artifact, SessionOptions(threads=1))
+    logits = [np.array(session.prefill(ids, mask))]
+    for _ in range(steps):
+        logits.append(np.array(session.decode(logits[-1][:, -1].argmax(-1))))
+    session.close()
+    return logits, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_fused_attention_keeps_the_contract_and_the_numbers(export_factory, tmp_path, arch):
+    export = export_factory(arch)
+    engine = build_engine(export, tmp_path)
+    fusion = engine.metrics["fusion"]
+    assert fusion["attention"] == "fused"
+    ops = fusion["op_types_after"]
+    assert ops["GroupQueryAttention"] == export.model_facts["layers"] and "Softmax" not in ops
+    assert ops["RotaryEmbedding"] == 2 * export.model_facts["layers"]
+    assert fusion["ops_after"] < fusion["ops_before"] / 2
+    prompts = [[5, 9, 17, 33, 60, 7, 8, 12], [40, 41, 42]]  # the second row is left-padded
+    expected, mask = left_padded_run(export, prompts)
+    got, _ = left_padded_run(engine, prompts)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[0][valid], expected[0][valid], atol=1e-4)
+    for step in range(1, len(got)):
+        np.testing.assert_allclose(got[step], expected[step], atol=1e-4)
+
+
+def test_family_without_plain_attention_keeps_it_and_says_why(export_factory, tmp_path):
+    engine = build_engine(export_factory("gpt2"), tmp_path)
+    assert engine.metrics["fusion"]["attention"] == "gpt2 attention is not the plain q/k/v + RoPE kind"
+    assert "GroupQueryAttention" not in engine.metrics["fusion"]["op_types_after"]
+    assert engine.manifest["backend"] == "ort" and engine.metrics["session"]["provider"] == "cpu"
+
+
+def test_fusion_can_be_turned_off(export_factory, tmp_path):
+    engine = build_engine(export_factory("llama"), tmp_path, fuse_attention=False)
+    assert engine.metrics["fusion"]["attention"] == "disabled (--no-fuse-attention)"
+    assert "GroupQueryAttention" not in engine.metrics["fusion"]["op_types_after"]
+
+
+def test_build_verifies_the_engine_and_records_it(tiny_model_factory, tmp_path):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+                     "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
+    check = manifest["metrics"]["verification"]
+    assert check["logits"]["passed"] and check["logits"]["max"] < 1e-3
+    assert abs(check["perplexity_increase_percent"]) < 0.01 and check["top1_agreement"] == 1.0
+    assert manifest["metrics"]["session"] == {"provider": "cpu", "threads": 1, "graph_optimization": "extended (saved)"}
+    assert "engine" in result.stdout and "top-1 1.000" in result.stdout
+
+
+def test_int8_engine_runs_the_fused_integer_kernels(tiny_model_factory, tmp_path):
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "50",
+                              "--max-float-fraction", "0.5")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
+    assert manifest["precision"] == "int8"
+    ops = manifest["metrics"]["fusion"]["op_types_after"]
+    assert ops["MatMulIntegerToFloat"] > 0 and ops["GroupQueryAttention"] == 2
+    assert manifest["metrics"]["verification"]["perplexity_increase_percent"] <= 50.5
+
+
+def test_wrong_engine_fails_verification_naming_the_layer(export_factory, tmp_path):
+    export = export_factory("llama")
+    broken = tmp_path / "broken"
+    shutil.copytree(export.path, broken)
+    model = ir.load(str(broken / "model.onnx"))
+    weight = model.graph.initializers["model.layers.1.mlp.down_proj.weight"]
+    weight.const_value = ir.tensor(weight.const_value.numpy() * 3, name=weight.name)
+    ir.save(model, broken / "model.onnx")
+    engine = artifacts.load(broken, verify=False)
+    windows = np.random.default_rng(0).integers(3, 128, size=(2, 32))
+    with pytest.raises(AccuracyError, match=r"first diverging layer: model\.layers\.1\.mlp\.down_proj"):
+        verify(engine, export, Reference.of(export, windows, threads=1))
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--provider", "tpu"], 2, "unknown execution provider 'tpu'"),
+    (["--provider", "cuda"], 4, "this onnxruntime has no CUDAExecutionProvider"),
+    (["--threads", "0"], 2, "--threads 0 is not a thread count"),
+])
+def test_bad_engine_flags_are_clear_errors(tiny_model_factory, tmp_path, flags, code, message):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path), *flags)
+    assert result.returncode == code
+    assert message in result.stderr.strip().splitlines()[-1]
