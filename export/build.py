@@ -33,8 +33,8 @@ BACKENDS = ("auto", "ort", "trt")
 class BuildConfig:
     # What to export: 'default' (SmolLM2-135M-Instruct from PyPI), a local folder, a .gguf file or a hub id.
     model: str = DEFAULT_MODEL
-    # Numeric precision of the engine; every precision shares the fp32 export.
-    precision: str = "fp32"
+    # Numeric precisions to build, each an engine of its own; all share the one fp32 export.
+    precisions: tuple[str, ...] = ("fp32",)
     # The artifact store: every stage writes its artifact folder here, and finished ones are reused.
     out: Path = Path("artifacts")
     # Engine backend: 'auto' picks TensorRT when a GPU and TensorRT exist, else ONNX Runtime.
@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'default', a Hugging Face folder, a .gguf file, or a hub id")
-    parser.add_argument("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)}")
+    parser.add_argument("--precision", default="fp32",
+                        help=f"one or more, comma-separated (fp32,int8,int4), of: {', '.join(PRECISIONS)}")
     parser.add_argument("--out", default="artifacts", help="artifact store folder (default: ./artifacts)")
     parser.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -92,8 +93,11 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     engine.add_argument("--no-fuse-attention", action="store_true",
                         help="keep the exported attention instead of GroupQueryAttention")
     args = parser.parse_args(argv)
-    if args.precision not in PRECISIONS:
-        raise BadInputError(f"unknown precision {args.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise BadInputError(f"unknown precision {', '.join(unknown) or repr(args.precision)}; choose one or more "
+                            f"of: {', '.join(PRECISIONS)}")
     if args.backend not in BACKENDS:
         raise BadInputError(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
     data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
@@ -109,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
     engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
                                             fuse_attention=not args.no_fuse_attention)
-    return BuildConfig(model=args.model, precision=args.precision, out=Path(args.out), backend=args.backend,
+    return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config)
 
 
@@ -182,8 +186,8 @@ def run_export(config: BuildConfig) -> StageResult:
                      produce, record={"model": source.spec})
 
 
-def run_calibrate(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
-    calibration_config = replace(config.calibration, precision=config.precision)
+def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str) -> StageResult:
+    calibration_config = replace(config.calibration, precision=precision)
     return run_stage(config.out, calibrate.STAGE, parent.id, calibrate.stage_config(calibration_config),
                      lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
 
@@ -233,6 +237,14 @@ def accuracy_text(metrics: dict) -> str:
     return "-"
 
 
+def format_rows(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "artifact", "size", "time", "peak RSS", "accuracy")]
     for r in results:
@@ -240,10 +252,27 @@ def summary_table(results: list[StageResult]) -> str:
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
                      f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_rows(rows)
+
+
+def comparison_table(results: list[StageResult]) -> str:
+    """One row per precision built: size and accuracy against fp32, and what calibration kept in float."""
+    rows = [("precision", "engine", "size", "ppl vs fp32", "top-1", "float layers", "calibration")]
+    calibrated = None
+    for r in results:
+        if r.stage == calibrate.STAGE:
+            calibrated = r.artifact.metrics
+            continue
+        if r.stage != ort_engine.STAGE:
+            continue
+        check, cal = r.artifact.metrics.get("verification", {}), calibrated or {}
+        rows.append((r.artifact.manifest.get("precision", "fp32"), r.artifact.id,
+                     f"{r.artifact.size_bytes() / 1e6:.1f} MB",
+                     f"{check.get('perplexity_increase_percent', 0):+.2f}%", f"{check.get('top1_agreement', 1):.3f}",
+                     str(len(cal.get("kept_in_float", []))) if cal else "-",
+                     f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
+        calibrated = None
+    return format_rows(rows)
 
 
 def build(config: BuildConfig) -> list[StageResult]:
@@ -251,12 +280,16 @@ def build(config: BuildConfig) -> list[StageResult]:
     artifacts.remove_stale_temporaries(config.out)
     backend, why = choose_backend(config.backend)
     progress(f"[build] backend {backend} ({why})")
-    results = [run_export(config)]
-    if config.precision in calibrate.PRECISIONS:
-        return_freed_memory()
-        results.append(run_calibrate(config, results[-1].artifact))
-    if backend == "ort":
-        results.append(run_engine(config, results[-1].artifact, export=results[0].artifact))
+    export = run_export(config)
+    results = [export]
+    return_freed_memory()
+    for precision in config.precisions:
+        parent = export
+        if precision in calibrate.PRECISIONS:
+            parent = run_calibrate(config, export.artifact, precision)
+            results.append(parent)
+        if backend == "ort":
+            results.append(run_engine(config, parent.artifact, export=export.artifact))
     return results
 
 
@@ -290,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)
         return EXIT_UNEXPECTED
     print(summary_table(results))
-    print(f"\nartifact: {results[-1].artifact.path}")
+    engines = [r for r in results if r.stage == ort_engine.STAGE]
+    if len(engines) > 1:
+        print("\n" + comparison_table(results))
+    for r in engines or results[-1:]:
+        print(f"\nartifact ({r.artifact.manifest.get('precision')}): {r.artifact.path}")
     return 0
 
 
