@@ -67,9 +67,10 @@ def test_corrupt_or_truncated_gguf(tmp_path, kind):
     assert_one_line_error(result, 2, "not a readable GGUF file", "download it again")
 
 
-def test_unknown_precision(tmp_path):
-    result = run_cli("export.build", "--precision", "int3", "--out", str(tmp_path))
-    assert_one_line_error(result, 2, "unknown precision 'int3'", "fp32")
+@pytest.mark.parametrize("matrix, named", [("int3", "int3"), ("fp32,int3,int8", "int3"), (",", "','")])
+def test_unknown_precision(tmp_path, matrix, named):
+    result = run_cli("export.build", "--precision", matrix, "--out", str(tmp_path))
+    assert_one_line_error(result, 2, f"unknown precision {named}", "fp32")
 
 
 def test_unwritable_out(tmp_path):

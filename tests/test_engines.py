@@ -84,15 +84,19 @@ def test_build_verifies_the_engine_and_records_it(tiny_model_factory, tmp_path):
     assert "engine" in result.stdout and "top-1 1.000" in result.stdout
 
 
-def test_int8_engine_runs_the_fused_integer_kernels(tiny_model_factory, tmp_path):
-    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "50",
+def test_precision_matrix_shares_one_export_and_compares_the_engines(tiny_model_factory, tmp_path):
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "fp32,int8", "--max-ppl-increase", "50",
                               "--max-float-fraction", "0.5")
     assert result.returncode == 0, result.stderr
-    manifest = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
-    assert manifest["precision"] == "int8"
-    ops = manifest["metrics"]["fusion"]["op_types_after"]
-    assert ops["MatMulIntegerToFloat"] > 0 and ops["GroupQueryAttention"] == 2
-    assert manifest["metrics"]["verification"]["perplexity_increase_percent"] <= 50.5
+    store = tmp_path / "store"
+    assert len(list(store.glob("export-*"))) == 1 and len(list(store.glob("engine-*"))) == 2
+    engines = {m["precision"]: m for m in (json.loads(p.read_text()) for p in store.glob("engine-*/manifest.json"))}
+    int8_ops = engines["int8"]["metrics"]["fusion"]["op_types_after"]
+    assert int8_ops["MatMulIntegerToFloat"] > 0 and int8_ops["GroupQueryAttention"] == 2
+    assert "MatMulIntegerToFloat" not in engines["fp32"]["metrics"]["fusion"]["op_types_after"]
+    assert engines["int8"]["metrics"]["verification"]["perplexity_increase_percent"] <= 50.5
+    table = result.stdout[result.stdout.index("precision  engine"):]
+    assert [line.split()[0] for line in table.splitlines()[2:4]] == ["fp32", "int8"]
 
 
 def test_wrong_engine_fails_verification_naming_the_layer(export_factory, tmp_path):
