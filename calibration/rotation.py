@@ -111,3 +111,40 @@ class RotateResidualPass(ir.passes.InPlacePass):
     def _inside_block(node: ir.Node, hidden: int) -> bool:
         """Layers that neither read nor write the residual (none in Llama-style blocks) keep their weights."""
         return weight_array(node).shape[0] != hidden and weight_array(node).shape[1] != hidden
+
+
+def block_hadamard(size: int) -> np.ndarray:
+    """An orthonormal block-diagonal Hadamard matrix: Sylvester blocks of the largest power of two that divides
+    `size` (1536 = 3 x 512), so every output channel mixes a whole block of input channels."""
+    block = size & -size
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < block:
+        h = np.block([[h, h], [h, -h]])
+    return np.kron(np.eye(size // block, dtype=np.float32), h / np.sqrt(block)).astype(np.float32)
+
+
+class RotateDownProjInputPass(ir.passes.InPlacePass):
+    """QuaRot's online rotation before down_proj: x -> x H at run time, W <- H^T W, exact in float. The
+    down_proj input (SiLU(gate) * up) has the model's worst outliers and no norm to fold a rotation into.
+    H is a Constant node, not an initializer, so calibration never quantizes the rotation itself."""
+
+    SUFFIX = "mlp.down_proj"
+
+    def __init__(self):
+        super().__init__()
+        self.rotated: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node in linear_nodes(model.graph):
+            if not node.name.endswith(self.SUFFIX) or node.op_type != "MatMul":
+                continue
+            weight = weight_array(node)
+            h = block_hadamard(weight.shape[0])
+            constant = ir.node("Constant", [], attributes={"value": ir.tensor(h, name=f"{node.name}.hadamard")},
+                               name=f"{node.name}.hadamard")
+            rotate = ir.node("MatMul", [node.inputs[0], constant.outputs[0]], name=f"{node.name}.online_rotation")
+            node.prepend([constant, rotate])
+            node.replace_input_with(0, rotate.outputs[0])
+            set_constant(node.inputs[1], h.T @ weight)
+            self.rotated.append(node.name)
+        return ir.passes.PassResult(model, bool(self.rotated))

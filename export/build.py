@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        help="SmoothQuant strength; a negative value turns it off")
     calib.add_argument("--rotate", action="store_true",
                        help="rotate the residual stream before quantizing (RMSNorm models)")
+    calib.add_argument("--online-rotation", action="store_true",
+                       help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave in float "
                        "(the LM head always is)")
     calib.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase,
@@ -106,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     keep = tuple(dict.fromkeys(["lm_head", *(n.strip() for n in args.keep_fp.split(",") if n.strip())]))
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
+        online_rotation=args.online_rotation,
         smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)

@@ -235,6 +235,20 @@ def test_residual_rotation_is_exact_in_float(export_factory, tmp_path):
     assert_same_function_in_float(art, model, tmp_path)
 
 
+def test_online_down_proj_rotation_is_exact_in_float(export_factory, tmp_path):
+    from calibration.rotation import RotateDownProjInputPass, block_hadamard
+
+    h = block_hadamard(96)  # 3 blocks of 32
+    np.testing.assert_allclose(h @ h.T, np.eye(96), atol=1e-6)
+    assert np.count_nonzero(h[:32, 32:]) == 0 and np.count_nonzero(h[:32, :32]) == 32 * 32
+    art = export_factory("llama")
+    model = ir.load(str(art.file("model.onnx")))
+    rotation = RotateDownProjInputPass()
+    assert rotation(model).modified and rotation.rotated == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert sum(node.name.endswith(".online_rotation") for node in model.graph) == 2
+    assert_same_function_in_float(art, model, tmp_path)
+
+
 def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
     from calibration.rotation import RotateResidualPass
 
