@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from calibration import stats
-from calibration.data import DataConfig, load_samples
+from calibration.data import DataConfig, load_samples, within_context
 from calibration.graph import linear_nodes, weight_array, weight_axis
 from calibration.qdq import (
     QuantizeLinearLayersPass,
@@ -99,7 +99,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
     facts = parent.model_facts
     layers = facts["linear_layers"]
     validate(config, layers)
-    samples = load_samples(config.data, load_codec(parent), facts["eos_token_ids"])
+    samples = load_samples(within_context(config.data, facts), load_codec(parent), facts["eos_token_ids"])
     work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
     try:
         progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")

@@ -11,7 +11,7 @@ import hashlib
 import importlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +173,12 @@ class SampleSet:
     calibration: np.ndarray  # [samples, seq_len] int64
     evaluation: np.ndarray  # [eval_samples, seq_len] int64
     source: str
+
+
+def within_context(config: DataConfig, facts: dict) -> DataConfig:
+    """Windows no longer than the model's context (a sliding-window model's export caps it at the window)."""
+    limit = facts.get("max_context")
+    return replace(config, seq_len=limit) if limit and config.seq_len > limit else config
 
 
 def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:

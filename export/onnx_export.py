@@ -160,7 +160,7 @@ def model_facts(model, tokenizer) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "bos_token_id": bos,
         "eos_token_ids": eos if isinstance(eos, list) else ([eos] if eos is not None else []),
-        "max_context": getattr(config, "max_position_embeddings", None),
+        "max_context": context_limit(config),
         "sliding_window": sliding_window(config),
         "rope": rotary_facts(model),
         "tokenizer": tokenizer is not None,
@@ -183,6 +183,14 @@ def rotary_facts(model) -> dict[str, Any] | None:
             return {"inv_freq": inv_freq.float().tolist(), "attention_scaling": float(module.attention_scaling),
                     "rope_type": getattr(module, "rope_type", "default")}
     return None
+
+
+def context_limit(config) -> int | None:
+    """The longest sequence the exported graph is valid for. With sliding-window layers that is the window:
+    the exporter traces the window mask for sequences that fit it (past it ONNX Runtime fails in a GatherND)."""
+    context = getattr(config, "max_position_embeddings", None)
+    window = sliding_window(config)
+    return min(context, window) if window and context else context
 
 
 def sliding_window(config) -> int | None:

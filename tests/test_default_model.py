@@ -10,7 +10,7 @@ def test_default_model_is_cached_as_float32_safetensors():
     from export.models import SMOLLM2, cache_dir, ensure_default_model
 
     folder = ensure_default_model()
-    assert folder.parent == cache_dir() / "models" and SMOLLM2.wheel_sha256[:12] in folder.name
+    assert folder.parent == cache_dir() / "models" and SMOLLM2.parts[0][1][:12] in folder.name
     assert (folder / "model.safetensors").stat().st_size > 500e6  # 135M float32 parameters
     assert (folder / "tokenizer.json").is_file()
 

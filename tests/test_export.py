@@ -11,6 +11,7 @@ from export import onnx_export
 from export.models import load_model, resolve
 from runtime import artifact as artifacts
 from runtime.baselines import kv_names
+from runtime.errors import BadInputError
 
 
 def contract_names(layers):
@@ -50,6 +51,17 @@ def test_every_family_exports_to_the_contract_and_passes_parity(arch, export_fac
     model = onnx.load(str(art.file(onnx_export.MODEL_FILE)))
     assert model.opset_import[0].version == 18
     assert not any(n.op_type == "Attention" for n in model.graph.node)  # TensorRT rejects its KV inputs
+
+
+def test_sliding_window_caps_the_context_and_the_runtime_says_so(export_factory):
+    from runtime.session import SessionOptions
+    from runtime.session import open as open_session
+
+    facts = export_factory("gemma3_text").model_facts
+    assert facts["sliding_window"] == 128 and facts["max_context"] == 128
+    with open_session(export_factory("gemma3_text"), SessionOptions(threads=1)) as session:
+        with pytest.raises(BadInputError, match="129 tokens exceed the model.s context of 128"):
+            session.prefill(np.ones((1, 129), np.int64))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -22,6 +22,10 @@ TINY_CONFIGS = {
     "phi3": ("Phi3Config", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                             "pad_token_id": 0}),
+    "gemma3_text": ("Gemma3TextConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                    "max_position_embeddings": 256, "sliding_window": 128,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
     "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "max_position_embeddings": 256}),
 }
