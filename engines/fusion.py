@@ -40,6 +40,12 @@ class AttentionFacts:
     max_context: int
     inv_freq: tuple[float, ...]
     attention_scaling: float
+    layer_kv_heads: tuple[int, ...] = ()  # per layer, after structured pruning removed KV groups
+
+    def heads_of(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of one layer; pruning removes whole KV groups with their query heads."""
+        kv = self.layer_kv_heads[layer] if self.layer_kv_heads else self.kv_heads
+        return kv * (self.heads // self.kv_heads), kv
 
     @classmethod
     def from_model_facts(cls, facts: dict) -> tuple[AttentionFacts | None, str]:
@@ -52,7 +58,8 @@ class AttentionFacts:
         if facts.get("sliding_window"):
             return None, "sliding-window attention is kept as exported"
         return cls(facts["attention_heads"], facts["kv_heads"], facts["head_dim"], facts["max_context"],
-                   tuple(rope["inv_freq"]), float(rope["attention_scaling"])), "fused"
+                   tuple(rope["inv_freq"]), float(rope["attention_scaling"]),
+                   tuple(facts.get("layer_kv_heads") or ())), "fused"
 
     def rotary_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin caches [max_context, head_dim / 2], the way transformers computes them, in float64 first."""
@@ -81,26 +88,26 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         if not layers:
             return ir.passes.PassResult(model, False)
         shared = _SharedInputs(graph, self.facts)
-        for layer in layers:
-            self._fuse(graph, layer, shared)
+        for position, layer in enumerate(layers):  # cache I/O is numbered by position (pruning drops layers)
+            self._fuse(graph, layer, position, shared)
         model.opset_imports.setdefault(CONTRIB, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, True)
 
-    def _fuse(self, graph: ir.Graph, layer: _Layer, shared: _SharedInputs) -> None:
-        i, facts = layer.index, self.facts
+    def _fuse(self, graph: ir.Graph, layer: _Layer, i: int, shared: _SharedInputs) -> None:
+        heads, kv_heads = self.facts.heads_of(i)
         past_key, past_value = shared.input(f"past_key_values.{i}.key"), shared.input(f"past_key_values.{i}.value")
         rotated = [shared.add(ir.node("RotaryEmbedding", [x, shared.positions, shared.cos, shared.sin],
                                       domain=CONTRIB, attributes={"interleaved": 0},
-                                      name=f"layers.{i}.rotary_{kind}"))
+                                      name=f"layers.{layer.index}.rotary_{kind}"))
                    for x, kind in ((layer.query, "q"), (layer.key, "k"))]
         attention = shared.add(ir.node(
             "GroupQueryAttention",
             [rotated[0], rotated[1], layer.value, past_key, past_value, shared.seqlens, shared.total_length,
              None, None, None, shared.bias],
-            domain=CONTRIB, num_outputs=3, name=f"layers.{i}.attention",
-            attributes={"num_heads": facts.heads, "kv_num_heads": facts.kv_heads, "do_rotary": 0}))
+            domain=CONTRIB, num_outputs=3, name=f"layers.{layer.index}.attention",
+            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}))
         output, present_key, present_value = attention.outputs
         output.shape, output.type = layer.attention_output.shape, layer.attention_output.type
         ir.convenience.replace_all_uses_with(layer.attention_output, output)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.session import layer_kv_heads
+
 
 @dataclass
 class LoopRun:
@@ -28,10 +30,11 @@ def prefill_feeds(ids: np.ndarray, facts: dict) -> dict[str, np.ndarray]:
     """Feeds for a prefill of `ids` [batch, sequence] from an empty cache (past length 0)."""
     ids = np.asarray(ids, dtype=np.int64)
     batch, length = ids.shape
-    empty = np.zeros((batch, facts["kv_heads"], 0, facts["head_dim"]), np.float32)
+    heads = [h for h in layer_kv_heads(facts) for _ in ("key", "value")]
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
-    return feeds | {name: empty for name in kv_names(facts["layers"])}
+    return feeds | {name: np.zeros((batch, h, 0, facts["head_dim"]), np.float32)
+                    for name, h in zip(kv_names(facts["layers"]), heads)}
 
 
 def plain_session(model_path: str | Path, threads: int | None = None):

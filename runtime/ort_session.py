@@ -25,7 +25,15 @@ from runtime.ort_capi import (
     OrtApi,
     load_api,
 )
-from runtime.session import CacheState, SessionClosedError, SessionOptions, check_prompt, decode_step, prefill_state
+from runtime.session import (
+    CacheState,
+    SessionClosedError,
+    SessionOptions,
+    check_prompt,
+    decode_step,
+    layer_kv_heads,
+    prefill_state,
+)
 
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
@@ -122,8 +130,8 @@ class OrtSession:
         self._release_outputs()
         self._state, positions = prefill_state(mask)
         empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
-        shape = (ids.shape[0], self.facts["kv_heads"], 0, self.facts["head_dim"])
-        past = [self._wrap(empty, shape) for _ in self._past_names]
+        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
+        past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in heads]
         return self._run(ids, mask, positions, past, owned=past, arrays=[empty])
 
     def decode(self, tokens) -> np.ndarray:

@@ -87,6 +87,11 @@ def check_token_ids(ids: np.ndarray, facts: dict) -> None:
                             "artifact's tokenizer")
 
 
+def layer_kv_heads(facts: dict) -> list[int]:
+    """KV heads of each layer: equal unless structured pruning removed KV groups from some layers."""
+    return facts.get("layer_kv_heads") or [facts["kv_heads"]] * facts["layers"]
+
+
 def check_context(total: int, facts: dict) -> None:
     limit = facts.get("max_context")
     if limit and total > limit:
