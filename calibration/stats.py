@@ -10,7 +10,7 @@ sample on the default model), so we collect our own and use its session machiner
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +137,19 @@ def linear_inputs(model: ir.Model, layers: Iterable[str]) -> dict[str, str]:
 def collect(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dict, threads: int,
             seed: int = 0) -> dict[str, TensorStats]:
     """Run the prefill of each sample with the named tensors added as outputs; stream them into stats."""
+    rng = np.random.default_rng(seed)
+    stats: dict[str, TensorStats] = {}
+    for outputs in stream(model_path, tensors, samples, facts, threads):
+        for name, value in outputs.items():
+            if name not in stats:
+                stats[name] = TensorStats(channels=value.shape[-1])
+            stats[name].update(value, rng)
+    return stats
+
+
+def stream(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dict, threads: int
+           ) -> Iterator[dict[str, np.ndarray]]:
+    """The named intermediate tensors of each sample's prefill, one sample at a time (bounded memory)."""
     model = ir.load(str(model_path))
     values = {v.name: v for node in model.graph for v in node.outputs}
     for name in tensors:
@@ -147,17 +160,5 @@ def collect(model_path: Path, tensors: list[str], samples: np.ndarray, facts: di
         ir.save(model, augmented)
         del model, values
         session = plain_session(augmented, threads)
-        stats = _run_samples(session, tensors, samples, facts, seed)
-    return stats
-
-
-def _run_samples(session, tensors: list[str], samples: np.ndarray, facts: dict, seed: int
-                 ) -> dict[str, TensorStats]:
-    rng = np.random.default_rng(seed)
-    stats: dict[str, TensorStats] = {}
-    for window in samples:
-        for name, value in zip(tensors, session.run(tensors, prefill_feeds(window[None], facts))):
-            if name not in stats:
-                stats[name] = TensorStats(channels=value.shape[-1])
-            stats[name].update(value, rng)
-    return stats
+        for window in samples:
+            yield dict(zip(tensors, session.run(tensors, prefill_feeds(window[None], facts))))

@@ -19,7 +19,7 @@ from calibration import calibrate
 from calibration.data import DataConfig, load_samples, within_context
 from engines import ort as ort_engine
 from engines.verify import Reference, verify
-from export import onnx_export
+from export import onnx_export, prune
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
@@ -44,6 +44,7 @@ class BuildConfig:
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
+    pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
 
 
 @dataclass
@@ -87,6 +88,15 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        help="accuracy gate, percent perplexity increase over fp32")
     calib.add_argument("--max-float-fraction", type=float, default=defaults.max_float_fraction)
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
+    pruning = parser.add_argument_group("structured pruning (before calibration)")
+    pruning.add_argument("--prune", default="", help="explicit ratios, e.g. mlp=0.25,heads=0.1,layers=2")
+    pruning.add_argument("--prune-budget", type=float, default=None,
+                         help="plan the most pruning whose perplexity increase stays within this percent")
+    pruning.add_argument("--prune-plan", default=None, help="apply a plan.json saved by an earlier prune stage")
+    pruning.add_argument("--prune-multiple", type=int, default=prune.PruneConfig.multiple,
+                         help="kept MLP widths are multiples of this")
+    pruning.add_argument("--prune-samples", type=int, default=16, help="calibration windows for importance")
+    pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--threads", type=int, default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
@@ -114,10 +124,23 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         threads=args.threads, data=data)
     if args.threads < 1:
         raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
+    chosen = [flag for flag, given in (("--prune", args.prune), ("--prune-budget", args.prune_budget is not None),
+                                       ("--prune-plan", args.prune_plan)) if given]
+    if len(chosen) > 1:
+        raise BadInputError(f"{' and '.join(chosen)} both choose what to prune; give one of them")
+    if args.prune_budget is not None and args.prune_budget <= 0:
+        raise BadInputError(f"--prune-budget {args.prune_budget}: give a positive percent, e.g. 5")
+    if args.prune_multiple < 1:
+        raise BadInputError(f"--prune-multiple {args.prune_multiple}: give a positive channel count, e.g. 64")
+    pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=args.prune_budget,
+                                plan_file=args.prune_plan, multiple=args.prune_multiple,
+                                repair=not args.no_prune_repair, threads=args.threads,
+                                data=replace(data, samples=args.prune_samples))
     engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
                                             fuse_attention=not args.no_fuse_attention)
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
-                       trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config)
+                       trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
+                       pruning=pruning)
 
 
 def check_writable(folder: Path) -> None:
@@ -234,6 +257,10 @@ def accuracy_text(metrics: dict) -> str:
         check = metrics["verification"]
         return (f"vs fp32: ppl {check['perplexity_increase_percent']:+.2f}%, top-1 {check['top1_agreement']:.3f}, "
                 f"{check['logits']['statistic']}|dlogits| {check['logits'][check['logits']['statistic']]:.1e}")
+    if "plan" in metrics:
+        acc = metrics["accuracy"]
+        return (f"pruned {metrics['parameters_removed_percent']:.1f}% of parameters: ppl "
+                f"{acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}")
     if "accuracy" in metrics:
         acc = metrics["accuracy"]
         return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
@@ -287,14 +314,26 @@ def build(config: BuildConfig) -> list[StageResult]:
     export = run_export(config)
     results = [export]
     return_freed_memory()
+    float_graph = export
+    if config.pruning.wanted():
+        float_graph = run_prune(config, export.artifact)
+        results.append(float_graph)
     for precision in config.precisions:
-        parent = export
+        parent = float_graph
         if precision in calibrate.PRECISIONS:
-            parent = run_calibrate(config, export.artifact, precision)
+            parent = run_calibrate(config, float_graph.artifact, precision)
             results.append(parent)
         if backend == "ort":
-            results.append(run_engine(config, parent.artifact, export=export.artifact))
+            results.append(run_engine(config, parent.artifact, export=float_graph.artifact))
     return results
+
+
+def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
+    if config.pruning.plan_file and not Path(config.pruning.plan_file).is_file():
+        raise BadInputError(f"--prune-plan {config.pruning.plan_file} does not exist; pass the plan.json of a "
+                            "prune artifact")
+    return run_stage(config.out, prune.STAGE, parent.id, prune.stage_config(config.pruning),
+                     lambda writer: prune.run(parent, writer, config.pruning, progress=progress))
 
 
 def return_freed_memory() -> None:

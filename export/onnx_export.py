@@ -63,15 +63,15 @@ def _kv_cache_wrapper(model):
     return KVCacheWrapper(model).eval()
 
 
-def cache_geometry(model) -> tuple[int, int, int]:
-    """(layers, kv heads, head size), read from the cache a one-token forward pass actually produces."""
+def cache_geometry(model) -> tuple[int, list[int], int]:
+    """(layers, KV heads of each layer, head size), read from the cache a one-token forward pass actually
+    produces (a pruned model's layers may keep different numbers of KV heads)."""
     import torch
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
     layers = out.past_key_values.layers
-    _, kv_heads, _, head_dim = layers[0].keys.shape
-    return len(layers), int(kv_heads), int(head_dim)
+    return len(layers), [int(layer.keys.shape[1]) for layer in layers], int(layers[0].keys.shape[3])
 
 
 @contextlib.contextmanager
@@ -102,7 +102,7 @@ def export_onnx(model, destination: Path, config: ExportConfig) -> list[str]:
     input_ids = torch.randint(0, min(model.config.vocab_size, 100), (batch, seq))
     attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
     position_ids = torch.arange(past, past + seq).expand(batch, seq)
-    past_kv = tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers))
+    past_kv = tuple(torch.randn(batch, heads, past, head_dim) for heads in kv_heads for _ in ("key", "value"))
 
     b, s, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     dynamic_shapes = {
@@ -147,13 +147,15 @@ def model_facts(model, tokenizer) -> dict[str, Any]:
     """What the runtime needs to drive the graph without transformers."""
     config = model.config.get_text_config()
     layers, kv_heads, head_dim = cache_geometry(model)
+    configured_kv = getattr(config, "num_key_value_heads", None) or max(kv_heads)  # pruning keeps the config's
     generation = getattr(model, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None) or config.eos_token_id
     bos = getattr(generation, "bos_token_id", None) or config.bos_token_id
     return {
         "model_type": config.model_type,
         "layers": layers,
-        "kv_heads": kv_heads,
+        "kv_heads": configured_kv,
+        "layer_kv_heads": kv_heads if any(h != configured_kv for h in kv_heads) else None,
         "head_dim": head_dim,
         "attention_heads": config.num_attention_heads,
         "hidden_size": config.hidden_size,

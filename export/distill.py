@@ -1,0 +1,115 @@
+"""Healing a pruned model by distillation: the prune plan applied to the PyTorch model, trained to match the
+unpruned teacher's next-token distribution (KL on calibration text, AdamW), then exported by the export
+stage as any model is.
+
+`prune_module` is the PyTorch twin of the graph passes in export/passes/pruning.py; a test checks the two
+give the same logits before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import numpy as np
+
+from export.passes.pruning import PrunePlan, PruningError
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder layers (Llama-style families keep it at model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "down_proj"):
+        raise PruningError(f"distillation supports Llama-style models (model.layers.N.mlp.down_proj); "
+                           f"{type(model).__name__} is not one")
+    return layers
+
+
+def _select(linear, keep, dim: int):
+    """A copy of an nn.Linear keeping rows (dim 0: outputs) or columns (dim 1: inputs) `keep`."""
+    import torch
+
+    index = torch.as_tensor(keep, dtype=torch.long)
+    weight = linear.weight.data.index_select(dim, index)
+    bias = linear.bias
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if bias is not None:
+        out.bias.data.copy_(bias.data.index_select(0, index) if dim == 0 else bias.data)
+    return out
+
+
+def prune_module(model, plan: PrunePlan):
+    """A pruned copy of `model`: the same plan the graph passes apply, on the PyTorch modules."""
+    model = copy.deepcopy(model)
+    layers = decoder_layers(model)
+    config = model.config
+    rep = config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for index, keep in plan.mlp_channels.items():
+        mlp = layers[index].mlp
+        mlp.gate_proj, mlp.up_proj = _select(mlp.gate_proj, keep, 0), _select(mlp.up_proj, keep, 0)
+        mlp.down_proj = _select(mlp.down_proj, keep, 1)
+    for index, groups in plan.kv_groups.items():
+        attention = layers[index].self_attn
+        query = np.concatenate([np.arange(g * rep * head_dim, (g + 1) * rep * head_dim) for g in sorted(groups)])
+        kv = np.concatenate([np.arange(g * head_dim, (g + 1) * head_dim) for g in sorted(groups)])
+        attention.q_proj = _select(attention.q_proj, query, 0)
+        attention.k_proj, attention.v_proj = _select(attention.k_proj, kv, 0), _select(attention.v_proj, kv, 0)
+        attention.o_proj = _select(attention.o_proj, query, 1)
+    if plan.dropped_layers:
+        import torch
+
+        kept = [i for i in range(len(layers)) if i not in set(plan.dropped_layers)]
+        model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
+        for position, layer in enumerate(model.model.layers):
+            layer.self_attn.layer_idx = position  # the KV cache is indexed by position
+        config.num_hidden_layers = len(kept)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in kept]
+    return model
+
+
+def distill(student, teacher, windows: np.ndarray, steps: int, learning_rate: float = 5e-5,
+            batch: int = 2, seed: int = 0, progress=None) -> dict:
+    """Minimise KL(teacher || student) over next-token distributions on `windows`; returns loss figures."""
+    import torch
+    import torch.nn.functional as functional
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        ids = torch.as_tensor(windows[rng.choice(len(windows), size=min(batch, len(windows)), replace=False)])
+        with torch.no_grad():
+            target = functional.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)
+        logits = student(input_ids=ids).logits.float()
+        loss = functional.kl_div(functional.log_softmax(logits, dim=-1), target, log_target=True,
+                                 reduction="batchmean") / ids.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
+    student.eval()
+    return {"steps": steps, "kl_first": losses[0] if losses else None, "kl_last": losses[-1] if losses else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def progress_bar(label: str):
+    """A one-line progress bar on stderr, for the loop above."""
+
+    def show(step: int, total: int, loss: float) -> None:
+        filled = int(30 * step / total)
+        end = "\n" if step == total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} KL {loss:.4f}", end=end,
+              file=sys.stderr, flush=True)
+
+    return show

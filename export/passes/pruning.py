@@ -1,0 +1,373 @@
+"""Structured pruning as onnx-ir passes on the exported graph: MLP channels, attention KV groups, whole layers.
+
+Each layer is found through the names the export's naming pass gives the projections
+(`model.layers.N.mlp.down_proj`, `transformer.h.N.mlp.c_proj`, ...), so a pass rewrites weights and the few
+shape constants that carry a head count, and the result is a plain, smaller ONNX model. What a pass removes
+is decided elsewhere (the plan, export/prune.py); a pass only applies a `PrunePlan`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from calibration.graph import linear_nodes, set_constant, weight_axis
+from export.passes.naming import NAME_SCOPES
+
+LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.(?P<index>\d+)\.)(?P<rest>.+)$")
+# (MLP kind, the layers that read the block input and write the MLP width, the layer that reads it back).
+MLP_PATTERNS = (
+    ("gated", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),   # Llama, Mistral, Qwen2/3, Gemma 3
+    ("plain", ("mlp.c_fc",), "mlp.c_proj"),                         # GPT-2
+    ("plain", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),          # GPT-NeoX
+)
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+class PruningError(ValueError):
+    """A plan that cannot be applied to this graph; the message names what was expected."""
+
+
+@dataclass
+class PrunePlan:
+    """What to keep, by original layer index. Missing entries keep everything."""
+
+    mlp_channels: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept MLP channels
+    kv_groups: dict[int, list[int]] = field(default_factory=dict)     # layer -> kept KV groups (with their queries)
+    dropped_layers: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"mlp_channels": {str(k): v for k, v in sorted(self.mlp_channels.items())},
+                "kv_groups": {str(k): v for k, v in sorted(self.kv_groups.items())},
+                "dropped_layers": sorted(self.dropped_layers)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PrunePlan:
+        return cls({int(k): list(v) for k, v in data.get("mlp_channels", {}).items()},
+                   {int(k): list(v) for k, v in data.get("kv_groups", {}).items()},
+                   sorted(int(i) for i in data.get("dropped_layers", [])))
+
+    def is_empty(self) -> bool:
+        return not (self.mlp_channels or self.kv_groups or self.dropped_layers)
+
+
+@dataclass
+class Block:
+    """One decoder layer as the graph shows it."""
+
+    index: int
+    prefix: str
+    mlp_kind: str | None = None
+    mlp_in: list[ir.Node] = field(default_factory=list)
+    mlp_out: ir.Node | None = None
+    attention: dict[str, ir.Node] = field(default_factory=dict)  # q/k/v/o by suffix, when separate projections
+
+    @property
+    def mlp_width(self) -> int:
+        return _out_channels(self.mlp_in[0])
+
+
+def find_blocks(graph: ir.Graph) -> dict[int, Block]:
+    """The graph's decoder layers by index; raises PruningError when a layer's MLP is not a known pattern."""
+    by_name = {node.name: node for node in linear_nodes(graph)}
+    blocks: dict[int, Block] = {}
+    for name, node in by_name.items():
+        match = LAYER_NAME.match(name or "")
+        if match is None:
+            continue
+        block = blocks.setdefault(int(match["index"]), Block(int(match["index"]), match["prefix"]))
+        if match["rest"] in ATTENTION:
+            block.attention[match["rest"].split(".")[-1]] = node
+    for block in blocks.values():
+        for kind, readers, writer in MLP_PATTERNS:
+            if block.prefix + writer in by_name and all(block.prefix + r in by_name for r in readers):
+                block.mlp_kind = kind
+                block.mlp_in = [by_name[block.prefix + r] for r in readers]
+                block.mlp_out = by_name[block.prefix + writer]
+    return dict(sorted(blocks.items()))
+
+
+def _out_channels(node: ir.Node) -> int:
+    return node.inputs[1].const_value.shape[weight_axis(node)]
+
+
+def _take(node: ir.Node, keep: np.ndarray, output_side: bool) -> None:
+    """Keep only `keep` of the layer's output channels (or input channels), with the bias where it has one."""
+    weight = node.inputs[1].const_value.numpy()
+    out_axis = weight_axis(node)
+    set_constant(node.inputs[1], np.take(weight, keep, axis=out_axis if output_side else 1 - out_axis))
+    if not output_side:
+        return
+    bias = _bias_value(node)
+    if bias is not None:
+        set_constant(bias, np.take(bias.const_value.numpy(), keep, axis=-1))
+
+
+def _bias_value(node: ir.Node) -> ir.Value | None:
+    """A Gemm's C input, or the constant of the Add right after a MatMul (Qwen2 q/k/v, GPT-2 via addmm)."""
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return node.inputs[2]
+    uses = node.outputs[0].uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        if other is not None and other.is_initializer():
+            return other
+    return None
+
+
+def _clear_inner_shapes(graph: ir.Graph, keep: set[ir.Value]) -> None:
+    """Static shapes recorded by the exporter go stale when widths change; ONNX Runtime infers them again."""
+    for node in graph:
+        for value in node.outputs:
+            if value not in keep:
+                value.shape = None
+
+
+class PruneMlpChannelsPass(ir.passes.InPlacePass):
+    """Removes MLP channels: output columns of gate/up (or fc) with their biases, input rows of down (or proj)."""
+
+    def __init__(self, plan: PrunePlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks = find_blocks(model.graph)
+        for index, keep in self.plan.mlp_channels.items():
+            block = blocks.get(index)
+            if block is None or block.mlp_kind is None:
+                raise PruningError(f"layer {index} has no MLP this pass knows; expected one of "
+                                   + ", ".join(f"{'+'.join(r)} -> {w}" for _, r, w in MLP_PATTERNS))
+            width = block.mlp_width
+            kept = np.asarray(sorted(keep), np.int64)
+            if not 0 < len(kept) <= width or kept[-1] >= width:
+                raise PruningError(f"layer {index}: the plan keeps {len(kept)} MLP channels of {width}; keep at "
+                                   "least one and name only existing channels")
+            for node in block.mlp_in:
+                _take(node, kept, output_side=True)
+            _take(block.mlp_out, kept, output_side=False)
+            if len(kept) != width:  # GPT-2's Conv1D reshapes its output to [batch, seq, width]
+                rewrite_shape_constants(model.graph, f"{block.prefix}mlp", {"Reshape": (width, len(kept), None)})
+        if self.plan.mlp_channels:
+            _clear_inner_shapes(model.graph, set(model.graph.outputs))
+        return ir.passes.PassResult(model, bool(self.plan.mlp_channels))
+
+
+class PruneAttentionHeadsPass(ir.passes.InPlacePass):
+    """Removes whole KV groups (a K/V head with the query heads that read it), so grouped-query attention
+    stays grouped: q/k/v output columns, o_proj input rows, the head counts in the layer's Reshape/Expand
+    shapes, and the layer's cache I/O (KV heads per layer then differ; the manifest records them)."""
+
+    def __init__(self, plan: PrunePlan, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.plan, self.heads, self.kv_heads, self.head_dim = plan, heads, kv_heads, head_dim
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        blocks = find_blocks(graph)
+        rep, hd = self.heads // self.kv_heads, self.head_dim
+        positions = {index: position for position, index in enumerate(blocks)}
+        for index, groups in self.plan.kv_groups.items():
+            block = blocks.get(index)
+            if block is None or len(block.attention) != 4:
+                raise PruningError(f"layer {index} has no separate q_proj/k_proj/v_proj/o_proj; head pruning "
+                                   "expects them (fused QKV projections, as in GPT-2 and Phi-3, are not supported)")
+            kept = sorted(groups)
+            if not kept or len(kept) >= self.kv_heads + 1 or kept[-1] >= self.kv_heads:
+                raise PruningError(f"layer {index}: the plan keeps KV groups {kept} of {self.kv_heads}; keep at "
+                                   "least one (pruning every head of a layer is dropping the layer)")
+            query = np.concatenate([np.arange(g * rep * hd, (g + 1) * rep * hd) for g in kept])
+            kv = np.concatenate([np.arange(g * hd, (g + 1) * hd) for g in kept])
+            _take(block.attention["q_proj"], query, output_side=True)
+            _take(block.attention["k_proj"], kv, output_side=True)
+            _take(block.attention["v_proj"], kv, output_side=True)
+            _take(block.attention["o_proj"], query, output_side=False)
+            self._rewrite_head_counts(graph, block, len(kept))
+            self._resize_cache_io(graph, positions[index], len(kept))
+        if self.plan.kv_groups:
+            _clear_inner_shapes(graph, set(graph.outputs))
+        return ir.passes.PassResult(model, bool(self.plan.kv_groups))
+
+    def _rewrite_head_counts(self, graph: ir.Graph, block: Block, kv_kept: int) -> None:
+        """[batch, heads, seq, head_dim] (Reshape) and [batch, kv, rep, seq, head_dim] (Expand) shapes."""
+        new_heads = kv_kept * (self.heads // self.kv_heads)
+        rewrite_shape_constants(graph, f"{block.prefix}self_attn",
+                                {"Reshape": (self.heads, new_heads, None), "Expand": (self.kv_heads, kv_kept, 1)})
+
+    @staticmethod
+    def _resize_cache_io(graph: ir.Graph, position: int, kv_kept: int) -> None:
+        for value in [*graph.inputs, *graph.outputs]:
+            if value.name in {f"past_key_values.{position}.key", f"past_key_values.{position}.value",
+                              f"present.{position}.key", f"present.{position}.value"} and value.shape is not None:
+                dims = list(value.shape.dims)
+                dims[1] = kv_kept
+                value.shape = ir.Shape(dims)
+
+
+def rewrite_shape_constants(graph: ir.Graph, scope: str, rules: dict[str, tuple[int, int, int | None]]) -> None:
+    """The exporter builds the shapes of Reshape/Expand by Concat of constants, shared between layers. Each
+    Reshape/Expand in `scope` whose shape holds the old count (at `position`, or anywhere when None) gets a
+    Concat of its own with the new count: rules = {op_type: (old, new, position)}."""
+    for node in list(graph):
+        if node.op_type not in rules or scope not in (node.metadata_props.get(NAME_SCOPES) or ""):
+            continue
+        old, new, only = rules[node.op_type]
+        constant = node.inputs[1].const_value if node.inputs[1] is not None else None
+        if constant is not None and constant.dtype == ir.DataType.INT64:  # a whole constant shape, like [-1, 256]
+            dims = constant.numpy().copy()
+            hits = [p for p, d in enumerate(dims) if d == old and only in (None, p)]
+            if hits:
+                dims[hits] = new
+                node.replace_input_with(1, _shape_constant(graph, dims))
+            continue
+        shape = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if shape is None or shape.op_type != "Concat":
+            continue
+        inputs = list(shape.inputs)
+        positions = [p for p, v in enumerate(inputs) if _small_int(v) == old and only in (None, p)]
+        if not positions:
+            continue
+        for position in positions:
+            inputs[position] = _int_constant(graph, new)
+        own = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node.name}.pruned_shape")
+        node.prepend(own)
+        node.replace_input_with(1, own.outputs[0])
+
+
+def _small_int(value: ir.Value | None) -> int | None:
+    if value is None or value.const_value is None:
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type != "Constant":
+            return None
+        tensor = producer.attributes["value"].as_tensor() if "value" in producer.attributes else None
+    else:
+        tensor = value.const_value
+    if tensor is None or tensor.dtype != ir.DataType.INT64 or tensor.size != 1:
+        return None
+    return int(tensor.numpy().reshape(-1)[0])
+
+
+def _int_constant(graph: ir.Graph, number: int) -> ir.Value:
+    return _shape_constant(graph, np.array([number], np.int64))
+
+
+def _shape_constant(graph: ir.Graph, dims: np.ndarray) -> ir.Value:
+    name = "pruning.int64_" + "_".join(str(int(d)).replace("-", "m") for d in dims)
+    if name not in graph.initializers:
+        value = ir.Value(name=name, const_value=ir.tensor(np.asarray(dims, np.int64), name=name))
+        value.shape, value.type = ir.Shape([len(dims)]), ir.TensorType(ir.DataType.INT64)
+        graph.register_initializer(value)
+    return graph.initializers[name]
+
+
+class DropLayersPass(ir.passes.InPlacePass):
+    """Removes whole decoder layers: the residual stream bypasses them, their cache I/O goes, and the
+    remaining cache I/O is renumbered so the graph keeps the ONNX contract."""
+
+    def __init__(self, plan: PrunePlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        blocks = find_blocks(graph)
+        dropped = sorted(set(self.plan.dropped_layers))
+        if not dropped:
+            return ir.passes.PassResult(model, False)
+        if len(dropped) >= len(blocks) or any(i not in blocks for i in dropped):
+            raise PruningError(f"cannot drop layers {dropped} of {len(blocks)}: name existing layers and keep "
+                               "at least one")
+        positions = list(blocks)
+        for index in dropped:
+            residual_in, residual_out = _residual_span(blocks[index])
+            ir.convenience.replace_all_uses_with(residual_out, residual_in)
+            position = positions.index(index)
+            for value in [v for v in graph.outputs if v.name.startswith(f"present.{position}.")]:
+                graph.outputs.remove(value)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        gone = {positions.index(i) for i in dropped}
+        survivor = next(p for p in range(len(positions)) if p not in gone)
+        by_name = {v.name: v for v in graph.inputs}
+        for value in [v for v in graph.inputs if _cache_position(v.name) in gone]:
+            _move_shape_reads(value, by_name[value.name.replace(f".{_cache_position(value.name)}.", f".{survivor}.")])
+            graph.inputs.remove(value)
+        _renumber_cache_io(graph)
+        return ir.passes.PassResult(model, True)
+
+
+def _cache_position(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] in ("past_key_values", "present") and len(parts) == 3 else None
+
+
+def _move_shape_reads(dropped: ir.Value, survivor: ir.Value) -> None:
+    """The exporter reads the past length from one layer's cache input; a dropped layer's input may be that
+    one. Shape reads of batch or length move to a kept layer's input; anything else is an error."""
+    for use in list(dropped.uses()):
+        node = use.node
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
+        if node.op_type != "Shape" or (start <= 1 < end):
+            raise PruningError(f"{dropped.name} is read by {node.op_type} {node.name} after its layer was dropped; "
+                               "expected only Shape reads of the batch or past length")
+        node.replace_input_with(use.idx, survivor)
+
+
+def _residual_span(block: Block) -> tuple[ir.Value, ir.Value]:
+    """(residual stream into the layer, out of it): the first Adds after the attention output projection and
+    after the MLP's last projection whose other input comes from outside the layer (parallel-residual
+    blocks add attention and MLP first, then the stream)."""
+    writers = [block.attention.get("o_proj"), block.mlp_out]
+    if any(w is None for w in writers):
+        raise PruningError(f"layer {block.index}: dropping it needs its o_proj and MLP output projection")
+    cone = _forward_cone([w.outputs[0] for w in writers])
+    adds = [_first_residual_add(w.outputs[0], cone) for w in writers]
+    first, last = adds
+    residual_in = next(v for v in first.inputs if v not in cone)
+    return residual_in, last.outputs[0]
+
+
+def _forward_cone(starts: list[ir.Value], limit: int = 400) -> set[ir.Value]:
+    seen, frontier = set(starts), list(starts)
+    while frontier and len(seen) < limit:
+        value = frontier.pop()
+        for use in value.uses():
+            if use.node.op_type == "Add" and any(i is not None and i not in seen and not i.is_initializer()
+                                                 and i.const_value is None for i in use.node.inputs):
+                continue  # an Add joining outside values ends the layer's own computation
+            for out in use.node.outputs:
+                if out not in seen:
+                    seen.add(out)
+                    frontier.append(out)
+    return seen
+
+
+def _first_residual_add(start: ir.Value, cone: set[ir.Value]) -> ir.Node:
+    frontier, seen = [start], {start}
+    while frontier:
+        value = frontier.pop(0)
+        for use in value.uses():
+            node = use.node
+            outside = [i for i in node.inputs if i is not None and i not in cone and i.const_value is None]
+            if node.op_type == "Add" and outside:
+                return node
+            for out in node.outputs:
+                if out not in seen:
+                    seen.add(out)
+                    frontier.append(out)
+    raise PruningError(f"no residual Add after {start.name}; expected the layer's output projection to be added "
+                       "to the residual stream")
+
+
+def _renumber_cache_io(graph: ir.Graph) -> None:
+    for prefix, values in (("past_key_values", graph.inputs), ("present", graph.outputs)):
+        cache = [v for v in values if v.name.startswith(prefix + ".")]
+        layers = sorted({int(v.name.split(".")[1]) for v in cache})
+        mapping = {old: new for new, old in enumerate(layers)}
+        for value in cache:  # two steps, so a new name never collides with an old one still in use
+            value.name = f"{value.name}.renumbering"
+        for value in cache:
+            _, old, kind, _ = value.name.split(".")
+            value.name = f"{prefix}.{mapping[int(old)]}.{kind}"

@@ -1,0 +1,131 @@
+"""Structured pruning on tiny models: the passes keep the ONNX contract, equal the same plan applied to the
+PyTorch modules, the planner respects its limits, repair helps, and bad plans are clear errors."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from conftest import run_cli
+
+from export.distill import prune_module
+from export.models import load_model, resolve
+from export.passes.pruning import PrunePlan, PruningError, find_blocks
+from export.prune import apply_plan, pruned_facts
+from runtime.baselines import plain_session, prefill_feeds
+
+PLAN = PrunePlan(mlp_channels={0: list(range(0, 128, 2))}, kv_groups={1: [1]}, dropped_layers=[])
+
+
+def graph_logits(model: ir.Model, facts: dict, ids: np.ndarray, tmp_path) -> np.ndarray:
+    ir.save(model, tmp_path / "pruned.onnx")
+    return plain_session(tmp_path / "pruned.onnx", 1).run(["logits"], prefill_feeds(ids, facts))[0]
+
+
+def pruned_graph(export, plan, tmp_path, ids):
+    model = ir.load(str(export.file("model.onnx")))
+    apply_plan(model, plan, export.model_facts)
+    facts = pruned_facts(export.model_facts, plan, model)
+    return model, facts, graph_logits(model, facts, ids, tmp_path)
+
+
+@pytest.mark.parametrize("plan", [
+    PLAN,
+    PrunePlan(dropped_layers=[0]),
+    PrunePlan(mlp_channels={1: list(range(64))}, kv_groups={0: [0]}, dropped_layers=[1]),
+], ids=["mlp+heads", "drop-first", "all-three"])
+def test_graph_passes_equal_the_plan_on_the_pytorch_model(tiny_model_factory, export_factory, tmp_path, plan):
+    folder = tiny_model_factory("llama")
+    ids = np.random.default_rng(0).integers(3, 128, size=(2, 12))
+    model, facts, got = pruned_graph(export_factory("llama"), plan, tmp_path, ids)
+    with torch.no_grad():
+        expected = prune_module(load_model(resolve(str(folder))), plan)(input_ids=torch.as_tensor(ids)).logits
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    assert facts["layers"] == 2 - len(plan.dropped_layers)
+    names = [v.name for v in model.graph.inputs]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{k}" for i in range(facts["layers"]) for k in ("key", "value")]
+
+
+def test_pruned_graph_decodes_through_the_runtime_with_per_layer_heads(export_factory, tmp_path):
+    from runtime.session import SessionOptions
+    from runtime.session import open as open_session
+
+    result = run_cli("export.build", "--model", str(export_factory("llama").manifest["config"]["model"]),
+                     "--out", str(tmp_path), "--prune", "heads=0.25", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    pruned = next(tmp_path.glob("prune-*"))
+    manifest = json.loads((pruned / "manifest.json").read_text())
+    assert sorted(manifest["io"]["model"]["layer_kv_heads"]) == [1, 2]
+    assert manifest["metrics"]["parameters_after"] < manifest["metrics"]["parameters_before"]
+    session = open_session(pruned, SessionOptions(threads=1))
+    logits = session.prefill(np.array([[5, 6, 7, 8]]))
+    assert np.isfinite(session.decode(np.array([int(logits[0, -1].argmax())]))).all()
+    engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
+    assert engine["metrics"]["fusion"]["attention"] == "fused"
+
+
+def test_repair_reduces_the_output_error(export_factory, tmp_path):
+    from export.prune import LayerEnergy, measure, remember_weights, repair
+
+    export = export_factory("llama")
+    windows = np.random.default_rng(1).integers(3, 128, size=(8, 32))
+    source = export.file("model.onnx")
+    energies = measure(source, find_blocks(ir.load(str(source)).graph), windows, export.model_facts, 1)
+    assert all(isinstance(e, LayerEnergy) and e.mlp_gram.shape == (128, 128) for e in energies.values())
+    plan = PrunePlan(mlp_channels={0: list(range(64)), 1: list(range(64))})
+    reference = plain_session(source, 1).run(["logits"], prefill_feeds(windows[:2], export.model_facts))[0]
+    errors = []
+    for do_repair in (False, True):
+        model = ir.load(str(source))
+        if do_repair:
+            remember_weights(model, plan)
+        apply_plan(model, plan, export.model_facts)
+        if do_repair:
+            assert repair(model, plan, energies, export.model_facts) == 2
+        errors.append(np.abs(graph_logits(model, export.model_facts, windows[:2], tmp_path) - reference).mean())
+    assert errors[1] < 0.8 * errors[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune", "mlp=1.2"], "--prune mlp=1.2: a ratio must be in [0, 1)"),
+    (["--prune", "depth=2"], "write kind=value with kind one of mlp, heads, layers"),
+    (["--prune", "layers=2"], "--prune layers=2: the model has 2 layers; keep at least one"),
+    (["--prune", "mlp=0.1", "--prune-budget", "5"], "--prune and --prune-budget both choose what to prune"),
+    (["--prune-budget", "0.0001"], "no pruning fits a 0.0001% perplexity budget"),
+])
+def test_bad_pruning_requests_exit_2(tiny_model_factory, tmp_path, flags, message):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+                     "--prune-multiple", "16", "--threads", "1", *flags)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("prune-*"))
+
+
+def test_plan_for_another_model_is_refused(tiny_model_factory, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model": {"model_type": "llama", "layers": 30}, "plan": {"dropped_layers": [3]}}))
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path / "s"),
+                     "--prune-plan", str(plan))
+    assert result.returncode == 2
+    assert "was made for another model (layers differ)" in result.stderr.strip().splitlines()[-1]
+
+
+def test_pruning_every_group_or_unknown_layer_is_a_plain_error(export_factory):
+    export = export_factory("llama")
+    for plan, message in ((PrunePlan(kv_groups={0: []}), "keep at least one"),
+                          (PrunePlan(dropped_layers=[0, 1]), "keep at least one"),
+                          (PrunePlan(mlp_channels={7: [0]}), "layer 7 has no MLP this pass knows")):
+        with pytest.raises(PruningError, match=message):
+            apply_plan(ir.load(str(export.file("model.onnx"))), plan, export.model_facts)
+
+
+def test_plain_mlp_of_gpt2_prunes_with_its_biases(export_factory, tmp_path):
+    export = export_factory("gpt2")
+    plan = PrunePlan(mlp_channels={0: list(range(0, 256, 2))})
+    ids = np.random.default_rng(0).integers(3, 128, size=(1, 8))
+    _, facts, got = pruned_graph(export, plan, tmp_path, ids)
+    assert got.shape == (1, 8, 128) and np.isfinite(got).all()
+    blocks = find_blocks(ir.load(str(tmp_path / "pruned.onnx")).graph)
+    assert blocks[0].mlp_width == 128 and blocks[1].mlp_width == 256
