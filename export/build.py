@@ -19,7 +19,7 @@ from calibration import calibrate
 from calibration.data import DataConfig, load_samples, within_context
 from engines import ort as ort_engine
 from engines.verify import Reference, verify
-from export import onnx_export, prune
+from export import distill, onnx_export, prune
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
@@ -45,6 +45,7 @@ class BuildConfig:
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
     pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
+    distillation: distill.DistillConfig = field(default_factory=distill.DistillConfig)
 
 
 @dataclass
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                          help="kept MLP widths are multiples of this")
     pruning.add_argument("--prune-samples", type=int, default=16, help="calibration windows for importance")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
+    pruning.add_argument("--distill-steps", type=int, default=0,
+                         help="heal the pruned model by this many steps of distillation from the unpruned one")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--threads", type=int, default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
@@ -130,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         raise BadInputError(f"{' and '.join(chosen)} both choose what to prune; give one of them")
     if args.prune_budget is not None and args.prune_budget <= 0:
         raise BadInputError(f"--prune-budget {args.prune_budget}: give a positive percent, e.g. 5")
+    if args.distill_steps < 0 or (args.distill_steps and not chosen):
+        raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
+                            "--prune-budget or --prune-plan")
     if args.prune_multiple < 1:
         raise BadInputError(f"--prune-multiple {args.prune_multiple}: give a positive channel count, e.g. 64")
     pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=args.prune_budget,
@@ -140,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                                             fuse_attention=not args.no_fuse_attention)
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
-                       pruning=pruning)
+                       pruning=pruning, distillation=distill.DistillConfig(steps=args.distill_steps))
 
 
 def check_writable(folder: Path) -> None:
@@ -249,6 +255,10 @@ def verification_windows(export: artifacts.Artifact, data: DataConfig):
 
 
 def accuracy_text(metrics: dict) -> str:
+    if "distillation" in metrics:
+        figures = metrics["distillation"]
+        return (f"distilled {figures['steps']} steps: ppl {figures['perplexity_before']:.2f} -> "
+                f"{figures['perplexity_after']:.2f} (teacher {figures['perplexity_teacher']:.2f})")
     if "parity" in metrics:
         parity = metrics["parity"]
         return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
@@ -318,6 +328,9 @@ def build(config: BuildConfig) -> list[StageResult]:
     if config.pruning.wanted():
         float_graph = run_prune(config, export.artifact)
         results.append(float_graph)
+        if config.distillation.steps:
+            float_graph = run_distill(config, float_graph.artifact)
+            results.append(float_graph)
     for precision in config.precisions:
         parent = float_graph
         if precision in calibrate.PRECISIONS:
@@ -326,6 +339,24 @@ def build(config: BuildConfig) -> list[StageResult]:
         if backend == "ort":
             results.append(run_engine(config, parent.artifact, export=float_graph.artifact))
     return results
+
+
+def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
+    from export.passes.pruning import PrunePlan
+    from runtime.text import load_codec
+
+    source = resolve(config.model, trust_remote_code=config.trust_remote_code)
+    settings = config.distillation
+
+    def produce(writer):
+        facts = pruned.model_facts
+        data = replace(config.calibration.data, samples=settings.samples, seq_len=settings.seq_len)
+        samples = load_samples(within_context(data, facts), load_codec(pruned), facts["eos_token_ids"])
+        teacher, tokenizer = load_model(source), load_tokenizer(source)
+        return distill.run(teacher, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), samples.calibration,
+                           samples.evaluation, writer, settings, config.export, progress=progress)
+
+    return run_stage(config.out, distill.STAGE, pruned.id, distill.stage_config(settings), produce)
 
 
 def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:

@@ -11,10 +11,30 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from export.passes.pruning import PrunePlan, PruningError
+
+STAGE = "distill"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # Optimizer steps of KL distillation from the unpruned teacher; 0 turns the stage off.
+    steps: int = 0
+    learning_rate: float = 5e-5
+    # Windows per step and their length: small, since this runs on CPUs too.
+    batch: int = 2
+    seq_len: int = 128
+    samples: int = 64
+    seed: int = 0
+
+
+def stage_config(config: DistillConfig) -> dict[str, Any]:
+    return asdict(config)
 
 
 def decoder_layers(model):
@@ -113,3 +133,37 @@ def progress_bar(label: str):
               file=sys.stderr, flush=True)
 
     return show
+
+
+def perplexity(model, windows: np.ndarray) -> float:
+    """Teacher-forced perplexity of a PyTorch model on token windows (for before/after figures)."""
+    import torch
+    import torch.nn.functional as functional
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            ids = torch.as_tensor(window[None])
+            logits = model(input_ids=ids).logits.float()[0, :-1]
+            nll += float(functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += len(window) - 1
+    return float(np.exp(nll / count))
+
+
+def run(teacher, tokenizer, plan: PrunePlan, train: np.ndarray, evaluation: np.ndarray, writer, config: DistillConfig,
+        export_config, progress=print):
+    """Prune the PyTorch model by `plan`, distill it from `teacher`, and export it as the export stage does."""
+    from export import onnx_export
+
+    student = prune_module(teacher, plan)
+    teacher_ppl, before = perplexity(teacher, evaluation), perplexity(student, evaluation)
+    progress(f"[distill] {config.steps} steps of KL distillation (pruned perplexity {before:.2f}, "
+             f"teacher {teacher_ppl:.2f})")
+    figures = distill(student, teacher, train, config.steps, config.learning_rate, config.batch, config.seed,
+                      progress=progress_bar("[distill]"))
+    after = perplexity(student, evaluation)
+    progress(f"[distill] perplexity {before:.2f} -> {after:.2f} in {figures['seconds']:.0f}s")
+    metrics = {"distillation": figures | {"perplexity_teacher": teacher_ppl, "perplexity_before": before,
+                                          "perplexity_after": after, "plan": plan.to_json(),
+                                          "recovered_fraction": (before - after) / max(before - teacher_ppl, 1e-9)}}
+    return onnx_export.run(student, tokenizer, writer, export_config, extra_metrics=metrics)

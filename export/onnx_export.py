@@ -246,7 +246,8 @@ def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportC
     }
 
 
-def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig) -> Artifact:
+def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_metrics: dict | None = None
+        ) -> Artifact:
     """Export into the writer's folder, check parity, and commit the artifact (or fail with exit code 3)."""
     started = time.perf_counter()
     onnx_path = writer.dir / MODEL_FILE
@@ -268,7 +269,7 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig) -> Artif
         "stage_seconds": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    } | (extra_metrics or {})
     io = describe_io(onnx_path) | {"model": facts}
     return writer.commit(io=io, metrics=metrics, precision="fp32")
 

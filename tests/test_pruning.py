@@ -129,3 +129,25 @@ def test_plain_mlp_of_gpt2_prunes_with_its_biases(export_factory, tmp_path):
     assert got.shape == (1, 8, 128) and np.isfinite(got).all()
     blocks = find_blocks(ir.load(str(tmp_path / "pruned.onnx")).graph)
     assert blocks[0].mlp_width == 128 and blocks[1].mlp_width == 256
+
+
+def test_distillation_heals_through_the_export_stage(tiny_model_factory, tmp_path):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+                     "--prune", "mlp=0.5,heads=0.5", "--prune-multiple", "16", "--distill-steps", "8",
+                     "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next(tmp_path.glob("distill-*/manifest.json")).read_text())
+    figures = manifest["metrics"]["distillation"]
+    assert figures["steps"] == 8 and figures["perplexity_after"] != figures["perplexity_before"]
+    assert manifest["metrics"]["parity"]["passed"]  # the healed model went through the export's own check
+    assert manifest["io"]["model"]["layer_kv_heads"] == [1, 1]
+    engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
+    assert engine["parent"] == manifest["id"]
+    assert "distilled 8 steps" in result.stdout
+
+
+def test_distillation_without_pruning_is_refused(tiny_model_factory, tmp_path):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+                     "--distill-steps", "8")
+    assert result.returncode == 2
+    assert "--distill-steps heals a pruned model" in result.stderr.strip().splitlines()[-1]
