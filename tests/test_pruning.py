@@ -151,3 +151,18 @@ def test_distillation_without_pruning_is_refused(tiny_model_factory, tmp_path):
                      "--distill-steps", "8")
     assert result.returncode == 2
     assert "--distill-steps heals a pruned model" in result.stderr.strip().splitlines()[-1]
+
+
+def test_pareto_table_measures_every_variant_in_one_run(tiny_model_factory, tmp_path):
+    model = str(tiny_model_factory("llama"))
+    for flags in ([], ["--prune", "layers=1"]):
+        result = run_cli("export.build", "--model", model, "--out", str(tmp_path / "store"), "--threads", "1", *flags)
+        assert result.returncode == 0, result.stderr
+    result = run_cli("export.pareto", str(tmp_path / "store"), "--runs", "1", "--gen-len", "4",
+                     "--json", str(tmp_path / "pareto.json"), "--plot", str(tmp_path / "pareto.png"))
+    assert result.returncode == 0, result.stderr
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "pareto.json").read_text())}
+    assert set(rows) == {"unpruned", '[["layers", 1.0]]'}
+    assert rows['[["layers", 1.0]]']["parameters_removed_percent"] > 40
+    assert all(r["tpot_ms"] > 0 for r in rows.values()) and any(r["pareto"] for r in rows.values())
+    assert "TPOT÷base" in result.stdout
