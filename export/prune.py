@@ -117,9 +117,9 @@ def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, fac
         if block.mlp_out is not None:
             tensors[block.mlp_out.inputs[0].name] = (index, "mlp")
             tensors[block.mlp_out.outputs[0].name] = (index, "mlp_write")
-        if "o_proj" in block.attention:
-            tensors[block.attention["o_proj"].inputs[0].name] = (index, "attn")
-            tensors[block.attention["o_proj"].outputs[0].name] = (index, "attn_write")
+        if block.attention_out is not None:
+            tensors[block.attention_out.inputs[0].name] = (index, "attn")
+            tensors[block.attention_out.outputs[0].name] = (index, "attn_write")
         try:
             tensors[_residual_span(block)[1].name] = (index, "residual")
         except PruningError:
@@ -193,14 +193,10 @@ def units(blocks: dict[int, Block], energies: dict[int, LayerEnergy], facts: dic
             per_group = [float(scores[g * rep * hd:(g + 1) * rep * hd].sum()) for g in range(facts["kv_heads"])]
             params = hidden * hd * (2 * rep + 2)
             found += [Unit("heads", index, (g,), cost / scale, params) for g, cost in enumerate(per_group)]
-        layer_params = sum(int(np.prod(n.inputs[1].const_value.shape)) for n in _layer_linears(block))
+        layer_params = sum(int(np.prod(n.inputs[1].const_value.shape)) for n in block.nodes)
         found.append(Unit("layers", index, (index,), energy.writes / scale, layer_params))
     return found
 
-
-def _layer_linears(block: Block) -> list[ir.Node]:
-    nodes = list(block.attention.values()) + list(block.mlp_in)
-    return nodes + ([block.mlp_out] if block.mlp_out is not None else [])
 
 
 def plan_from_units(chosen: list[Unit], blocks: dict[int, Block], facts: dict) -> PrunePlan:
@@ -339,13 +335,16 @@ def parameter_count(model: ir.Model) -> int:
     return sum(int(np.prod(n.inputs[1].const_value.shape)) for n in linear_nodes(model.graph))
 
 
-def build_candidate(source: Path, plan: PrunePlan, energies, facts: dict, destination: Path, do_repair: bool
-                    ) -> tuple[ir.Model, int]:
+def build_candidate(source: Path, plan: PrunePlan, energies, facts: dict, destination: Path, do_repair: bool,
+                    final: bool = False) -> tuple[ir.Model, int]:
     model = ir.load(str(source))
     if do_repair:
         remember_weights(model, plan)
     apply_plan(model, plan, facts)
     refit = repair(model, plan, energies, facts) if do_repair else 0
+    if final:  # the artifact (not every search candidate) gets its shapes inferred again and the checker
+        ir.passes.common.ShapeInferencePass()(model)
+        ir.passes.common.CheckerPass(full_check=False)(model)
     ir.save(model, destination)
     return model, refit
 
@@ -371,7 +370,8 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
         reference = accuracy.evaluate_model(source, facts, samples.evaluation, config.threads)
         plan, tried = choose_plan(config, parent, all_units, blocks, facts, energies, source, samples, reference,
                                   work, progress)
-        model, refit = build_candidate(source, plan, energies, facts, writer.dir / MODEL_FILE, config.repair)
+        model, refit = build_candidate(source, plan, energies, facts, writer.dir / MODEL_FILE, config.repair,
+                                       final=True)
         evaluation = accuracy.evaluate_model(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model),
                                              samples.evaluation, config.threads)
     except PruningError as exc:

@@ -166,3 +166,17 @@ def test_pareto_table_measures_every_variant_in_one_run(tiny_model_factory, tmp_
     assert rows['[["layers", 1.0]]']["parameters_removed_percent"] > 40
     assert all(r["tpot_ms"] > 0 for r in rows.values()) and any(r["pareto"] for r in rows.values())
     assert "TPOT÷base" in result.stdout
+
+
+def test_gpt2_layers_drop_and_a_saved_plan_reapplies(tiny_model_factory, tmp_path):
+    model = str(tiny_model_factory("gpt2"))
+    first = run_cli("export.build", "--model", model, "--out", str(tmp_path / "a"), "--prune", "layers=1,mlp=0.5",
+                    "--prune-multiple", "32", "--threads", "1")
+    assert first.returncode == 0, first.stderr
+    pruned = next((tmp_path / "a").glob("prune-*"))
+    again = run_cli("export.build", "--model", model, "--out", str(tmp_path / "b"),
+                    "--prune-plan", str(pruned / "plan.json"), "--prune-multiple", "32", "--threads", "1")
+    assert again.returncode == 0, again.stderr
+    metrics = [json.loads(next((tmp_path / s).glob("prune-*/manifest.json")).read_text())["metrics"] for s in "ab"]
+    assert metrics[0]["plan"] == metrics[1]["plan"] and metrics[0]["plan"]["dropped_layers"]
+    assert metrics[0]["parameters_after"] == metrics[1]["parameters_after"] < metrics[0]["parameters_before"]

@@ -26,6 +26,8 @@ MLP_PATTERNS = (
     ("plain", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),          # GPT-NeoX
 )
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# The projection that writes attention back into the residual stream, by family (Llama-style, GPT-2, NeoX).
+ATTENTION_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense")
 
 
 class PruningError(ValueError):
@@ -65,6 +67,8 @@ class Block:
     mlp_in: list[ir.Node] = field(default_factory=list)
     mlp_out: ir.Node | None = None
     attention: dict[str, ir.Node] = field(default_factory=dict)  # q/k/v/o by suffix, when separate projections
+    attention_out: ir.Node | None = None
+    nodes: list[ir.Node] = field(default_factory=list)  # every linear layer of the block
 
     @property
     def mlp_width(self) -> int:
@@ -80,8 +84,11 @@ def find_blocks(graph: ir.Graph) -> dict[int, Block]:
         if match is None:
             continue
         block = blocks.setdefault(int(match["index"]), Block(int(match["index"]), match["prefix"]))
+        block.nodes.append(node)
         if match["rest"] in ATTENTION:
             block.attention[match["rest"].split(".")[-1]] = node
+        if match["rest"] in ATTENTION_OUTPUT:
+            block.attention_out = node
     for block in blocks.values():
         for kind, readers, writer in MLP_PATTERNS:
             if block.prefix + writer in by_name and all(block.prefix + r in by_name for r in readers):
@@ -319,9 +326,10 @@ def _residual_span(block: Block) -> tuple[ir.Value, ir.Value]:
     """(residual stream into the layer, out of it): the first Adds after the attention output projection and
     after the MLP's last projection whose other input comes from outside the layer (parallel-residual
     blocks add attention and MLP first, then the stream)."""
-    writers = [block.attention.get("o_proj"), block.mlp_out]
+    writers = [block.attention_out, block.mlp_out]
     if any(w is None for w in writers):
-        raise PruningError(f"layer {block.index}: dropping it needs its o_proj and MLP output projection")
+        raise PruningError(f"layer {block.index}: dropping it needs its attention output projection (one of "
+                           f"{', '.join(ATTENTION_OUTPUT)}) and its MLP output projection")
     cone = _forward_cone([w.outputs[0] for w in writers])
     adds = [_first_residual_add(w.outputs[0], cone) for w in writers]
     first, last = adds
