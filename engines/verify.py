@@ -64,7 +64,9 @@ def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str
     if increase > allowed:
         problems.append(f"perplexity +{increase:.2f}% over fp32, more than the {allowed:.2f}% allowed")
     if problems:
-        layer = first_divergent_layer(parent, engine, reference.windows[0])
+        # Marking intermediate outputs needs the engine's ONNX; a TensorRT plan has none.
+        layer = first_divergent_layer(parent, engine, reference.windows[0]) if MODEL_FILE in engine.manifest[
+            "files"] else None
         where = f"; first diverging layer: {layer}" if layer else ""
         raise AccuracyError(f"engine verification failed: {'; '.join(problems)}{where}. Rebuild without the "
                             "fusion (--no-fuse-attention) or report the model")
@@ -96,8 +98,7 @@ def compare_logits(reference: Artifact, engine: Artifact, windows: np.ndarray, p
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-iteration report would bury our progress lines
     statistic, tolerance = LOGITS_TOLERANCE.get(precision, LOGITS_TOLERANCE["int8"])
     feeds = [prefill_feeds(window[None], reference.model_facts) for window in windows]
-    runners = [_runner(reference.file(MODEL_FILE), "fp32", threads),
-               _runner(engine.file(MODEL_FILE), "engine", threads)]
+    runners = [_runner(reference.file(MODEL_FILE), "fp32", threads), _engine_runner(engine, threads)]
     results = Comparator.run(runners, data_loader=feeds)
     only_logits = SimpleCompareFunc(atol={"logits": tolerance}, rtol={"logits": 0.0},
                                      check_error_stat={"logits": statistic},
@@ -106,6 +107,18 @@ def compare_logits(reference: Artifact, engine: Artifact, windows: np.ndarray, p
     diffs = [np.abs(a["logits"] - b["logits"]) for a, b in zip(results[0][1], results[1][1])]
     return {"passed": passed, "statistic": statistic, "tolerance": tolerance,
             "max": float(max(d.max() for d in diffs)), "mean": float(np.mean([d.mean() for d in diffs]))}
+
+
+def _engine_runner(engine: Artifact, threads: int):
+    """Polygraphy's runner for the engine's own backend: TensorRT's plan (prefill profile) or the ONNX."""
+    if engine.manifest.get("backend") == "trt":
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        from runtime.trt_session import PLAN_FILE, PREFILL_PROFILE
+
+        return TrtRunner(EngineFromBytes(engine.file(PLAN_FILE).read_bytes()), name="engine",
+                         optimization_profile=PREFILL_PROFILE)
+    return _runner(engine.file(MODEL_FILE), "engine", threads)
 
 
 def _runner(path, name: str, threads: int):

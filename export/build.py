@@ -18,6 +18,7 @@ from pathlib import Path
 from calibration import calibrate
 from calibration.data import DataConfig, load_samples, within_context
 from engines import ort as ort_engine
+from engines import trt as trt_engine
 from engines.verify import Reference, verify
 from export import distill, onnx_export, prune
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
@@ -44,6 +45,7 @@ class BuildConfig:
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
+    tensorrt: trt_engine.TrtConfig = field(default_factory=trt_engine.TrtConfig)
     pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
     distillation: distill.DistillConfig = field(default_factory=distill.DistillConfig)
 
@@ -107,6 +109,14 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         help=f"ONNX Runtime execution provider: {', '.join(ort_engine.PROVIDERS)}")
     engine.add_argument("--no-fuse-attention", action="store_true",
                         help="keep the exported attention instead of GroupQueryAttention")
+    trt_defaults = trt_engine.TrtConfig()
+    trt = parser.add_argument_group("TensorRT (--backend trt)")
+    trt.add_argument("--max-batch", type=int, default=trt_defaults.max_batch)
+    trt.add_argument("--max-seq", type=int, default=trt_defaults.max_seq, help="longest past + new sequence")
+    trt.add_argument("--opt-seq", type=int, default=trt_defaults.opt_seq, help="prefill length to tune for")
+    trt.add_argument("--workspace-gb", type=float, default=trt_defaults.workspace_gb)
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="a plan later TensorRT versions can run (lean runtime inside)")
     args = parser.parse_args(argv)
     precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -142,11 +152,15 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                                 plan_file=args.prune_plan, multiple=args.prune_multiple,
                                 repair=not args.no_prune_repair, threads=args.threads,
                                 data=replace(data, samples=args.prune_samples))
+    tensorrt = trt_engine.TrtConfig(max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
+                                    workspace_gb=args.workspace_gb, version_compatible=args.version_compatible)
+    trt_engine.validate(tensorrt)
     engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
                                             fuse_attention=not args.no_fuse_attention)
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
-                       pruning=pruning, distillation=distill.DistillConfig(steps=args.distill_steps))
+                       pruning=pruning, distillation=distill.DistillConfig(steps=args.distill_steps),
+                       tensorrt=tensorrt)
 
 
 def check_writable(folder: Path) -> None:
@@ -224,17 +238,24 @@ def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: st
                      lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
 
 
-def run_engine(config: BuildConfig, parent: artifacts.Artifact, export: artifacts.Artifact) -> StageResult:
-    ort_engine.check_provider(config.engine.provider)
+def run_engine(config: BuildConfig, parent: artifacts.Artifact, export: artifacts.Artifact, backend: str
+               ) -> StageResult:
     data = config.calibration.data
-    stage_config = ort_engine.stage_config(config.engine) | {"verification_data": asdict(data)}
+    if backend == "ort":
+        ort_engine.check_provider(config.engine.provider)
+    stage_config = (trt_engine.stage_config(config.tensorrt) if backend == "trt"
+                    else ort_engine.stage_config(config.engine)) | {"verification_data": asdict(data)}
+
+    def build(writer, check):
+        if backend == "trt":
+            return trt_engine.run(parent, writer, config.tensorrt, verify=check, progress=progress)
+        return ort_engine.run(parent, writer, config.engine, verify=check, progress=progress)
 
     def produce(writer):
         windows = verification_windows(export, data)
         progress(f"[engine] fp32 reference on {len(windows)} held-out windows")
         reference = Reference.of(export, windows, config.engine.threads)
-        return ort_engine.run(parent, writer, config.engine, progress=progress,
-                              verify=lambda engine: verify(engine, parent, reference))
+        return build(writer, lambda engine: verify(engine, parent, reference))
 
     return run_stage(config.out, ort_engine.STAGE, parent.id, stage_config, produce)
 
@@ -336,8 +357,7 @@ def build(config: BuildConfig) -> list[StageResult]:
         if precision in calibrate.PRECISIONS:
             parent = run_calibrate(config, float_graph.artifact, precision)
             results.append(parent)
-        if backend == "ort":
-            results.append(run_engine(config, parent.artifact, export=float_graph.artifact))
+        results.append(run_engine(config, parent.artifact, export=float_graph.artifact, backend=backend))
     return results
 
 

@@ -131,5 +131,9 @@ def open(artifact: str | os.PathLike | artifacts.Artifact, options: SessionOptio
         from runtime.ort_session import OrtSession
 
         return OrtSession(art, options or SessionOptions())
+    if backend == "trt":
+        from runtime.trt_session import TrtSession
+
+        return TrtSession(art, options or SessionOptions())
     raise BadInputError(f"artifact {art.path} has backend {backend!r}, which this runtime cannot open; "
                         "rebuild it with --backend ort")
