@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from runtime.baselines import plain_session, prefill_feeds
+from runtime.progress import track
 
 BINS = 2048
 RESERVOIR_ROWS = 64
@@ -160,5 +161,5 @@ def stream(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dic
         ir.save(model, augmented)
         del model, values
         session = plain_session(augmented, threads)
-        for window in samples:
+        for window in track(samples, f"[statistics] {len(tensors)} tensors"):
             yield dict(zip(tensors, session.run(tensors, prefill_feeds(window[None], facts))))

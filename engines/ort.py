@@ -24,6 +24,7 @@ import onnx_ir as ir
 from engines.fusion import AttentionFacts, FuseAttentionPass
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
+from runtime.progress import Ticker
 
 STAGE = "engine"
 MODEL_FILE = "model.onnx"
@@ -125,7 +126,8 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
     work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
     try:
         progress(f"[engine] fusing attention and norms, ONNX Runtime offline optimization ({config.provider})")
-        graph = build_graph(parent, writer.dir / MODEL_FILE, config, work)
+        with Ticker("[engine]"):
+            graph = build_graph(parent, writer.dir / MODEL_FILE, config, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for name in TOKENIZER_FILES:

@@ -20,10 +20,11 @@ from calibration.data import DataConfig, load_samples, within_context
 from engines import ort as ort_engine
 from engines import trt as trt_engine
 from engines.verify import Reference, verify
-from export import distill, onnx_export, prune
+from export import distill, onnx_export, prune, report
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
+from runtime.progress import Ticker
 
 # Precisions this version builds (float16 arrives with the engines, for GPUs).
 PRECISIONS = ("fp32", *calibrate.PRECISIONS)
@@ -42,6 +43,12 @@ class BuildConfig:
     backend: str = "auto"
     # Run Python code shipped with a hub model; off, since it executes someone else's code.
     trust_remote_code: bool = False
+    # Where report.json / report.md go (default: the store), and the latency measurement of every engine
+    # through the runtime (runs alternated; 0 runs skips it).
+    report: Path | None = None
+    bench_runs: int = 3
+    bench_prompt: int = 64
+    bench_gen: int = 32
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
@@ -68,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run")
+    parser.add_argument("--report", default=None, help="folder for report.json and report.md (default: --out)")
+    parser.add_argument("--bench-runs", type=int, default=BuildConfig.bench_runs,
+                        help="latency runs per engine after the build (0: no measurement)")
+    parser.add_argument("--bench-prompt", type=int, default=BuildConfig.bench_prompt)
+    parser.add_argument("--bench-gen", type=int, default=BuildConfig.bench_gen)
     defaults, data_defaults = calibrate.CalibrationConfig(), DataConfig()
     calib = parser.add_argument_group("calibration (int8 precisions)")
     calib.add_argument("--calib-data", default=None,
@@ -135,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
+    if args.bench_runs < 0 or args.bench_prompt < 1 or args.bench_gen < 2:
+        raise BadInputError("need --bench-runs >= 0, --bench-prompt >= 1 and --bench-gen >= 2")
+    if args.report:
+        report.check_report_folder(Path(args.report))
     if args.threads < 1:
         raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
     chosen = [flag for flag, given in (("--prune", args.prune), ("--prune-budget", args.prune_budget is not None),
@@ -160,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
                        pruning=pruning, distillation=distill.DistillConfig(steps=args.distill_steps),
-                       tensorrt=tensorrt)
+                       tensorrt=tensorrt, report=Path(args.report) if args.report else None,
+                       bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen)
 
 
 def check_writable(folder: Path) -> None:
@@ -226,7 +243,8 @@ def run_export(config: BuildConfig) -> StageResult:
         progress(f"[export] loading {source.model_type} model from {source.location}")
         model, tokenizer = load_model(source), load_tokenizer(source)
         progress("[export] torch.onnx.export (dynamo) with KV cache, then parity against PyTorch")
-        return onnx_export.run(model, tokenizer, writer, config.export)
+        with Ticker("[export]"):
+            return onnx_export.run(model, tokenizer, writer, config.export)
 
     return run_stage(config.out, onnx_export.STAGE, source.fingerprint, onnx_export.stage_config(config.export),
                      produce, record={"model": source.spec})
@@ -402,10 +420,16 @@ def return_freed_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     out = Path("artifacts")
+    started = time.perf_counter()
     try:
         config = parse_args(argv)
         out = config.out
         results = build(config)
+        engines = [r.artifact for r in results if r.stage == ort_engine.STAGE]
+        latency = report.measure_latency(engines, config.bench_prompt, config.bench_gen, config.bench_runs,
+                                         config.engine.threads)
+        written = report.write(config.report or config.out, results, config.model, latency,
+                               time.perf_counter() - started)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -420,9 +444,22 @@ def main(argv: list[str] | None = None) -> int:
     engines = [r for r in results if r.stage == ort_engine.STAGE]
     if len(engines) > 1:
         print("\n" + comparison_table(results))
-    for r in engines or results[-1:]:
+    if latency:
+        print("\n" + latency_table(written))
+    for r in [r for r in results if r.stage == ort_engine.STAGE] or results[-1:]:
         print(f"\nartifact ({r.artifact.manifest.get('precision')}): {r.artifact.path}")
+    print(f"report: {(config.report or config.out) / report.REPORT_MD}")
     return 0
+
+
+def latency_table(written: dict) -> str:
+    rows = [("precision", "engine", "TTFT ms", "TPOT p50", "p90", "p99", "tok/s")]
+    for e in written["engines"]:
+        lat = e["latency"]
+        tpot = lat.get("tpot_ms") or {}
+        rows.append((e["precision"], e["engine_id"], f"{lat['ttft_ms']:.1f}", f"{tpot['p50']:.2f}",
+                     f"{tpot['p90']:.2f}", f"{tpot['p99']:.2f}", f"{lat['tokens_per_second']:.1f}"))
+    return format_rows(rows)
 
 
 def _write_crash_log(out: Path) -> Path:

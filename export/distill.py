@@ -9,7 +9,6 @@ give the same logits before any training.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from export.passes.pruning import PrunePlan, PruningError
+from runtime.progress import Bar
 
 STAGE = "distill"
 
@@ -123,16 +123,9 @@ def distill(student, teacher, windows: np.ndarray, steps: int, learning_rate: fl
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def progress_bar(label: str):
-    """A one-line progress bar on stderr, for the loop above."""
-
-    def show(step: int, total: int, loss: float) -> None:
-        filled = int(30 * step / total)
-        end = "\n" if step == total else ""
-        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} KL {loss:.4f}", end=end,
-              file=sys.stderr, flush=True)
-
-    return show
+def _bar(label: str, steps: int):
+    bar = Bar(label, steps)
+    return lambda step, total, loss: bar.advance(f"KL {loss:.4f}")
 
 
 def perplexity(model, windows: np.ndarray) -> float:
@@ -160,7 +153,7 @@ def run(teacher, tokenizer, plan: PrunePlan, train: np.ndarray, evaluation: np.n
     progress(f"[distill] {config.steps} steps of KL distillation (pruned perplexity {before:.2f}, "
              f"teacher {teacher_ppl:.2f})")
     figures = distill(student, teacher, train, config.steps, config.learning_rate, config.batch, config.seed,
-                      progress=progress_bar("[distill]"))
+                      progress=_bar("[distill]", config.steps))
     after = perplexity(student, evaluation)
     progress(f"[distill] perplexity {before:.2f} -> {after:.2f} in {figures['seconds']:.0f}s")
     metrics = {"distillation": figures | {"perplexity_teacher": teacher_ppl, "perplexity_before": before,

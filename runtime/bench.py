@@ -26,6 +26,7 @@ from runtime import artifact as artifacts
 from runtime.baselines import plain_greedy, plain_session
 from runtime.errors import LmforgeError
 from runtime.generate import GenerationConfig, generate
+from runtime.progress import track
 from runtime.report import percentile
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
@@ -146,12 +147,13 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
     results = {name: Measurements(name) for name in runners}
     for name, run in runners.items():
         results[name].warmup = [run() for _ in range(warmup)]
-    for _ in range(runs):  # alternate, so drift in machine state hits every runner alike
+    for _ in track(range(runs), f"[bench] {len(runners)} runner(s) alternated"):  # drift hits every runner alike
         for name, run in runners.items():
             results[name].runs.append(run())
     report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "provider": options.provider,
               "prompt_len": prompt_len,
-              "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()}}
+              "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()},
+              "steps": {name: m.runs[-1][1] for name, m in results.items()}}  # per-token ms of the last run
     if baselines:
         eager = pytorch_eager(art, prompt, gen_len, runs, threads)
         if eager is not None:
