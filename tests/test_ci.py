@@ -1,0 +1,69 @@
+"""The CI job: the workflow parses and calls only our real commands, and the shell entry point builds,
+verifies, measures and reports on CPU (tiny model) with the documented exit codes."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+from conftest import REPO
+
+WORKFLOW = REPO / "ci" / "github-workflow.yml"
+ENTRY = REPO / "ci" / "build.sh"
+
+
+def test_workflow_parses_and_names_real_commands():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = workflow["jobs"]
+    assert set(jobs) == {"cpu", "gpu"} and jobs["gpu"]["needs"] == "cpu"
+    assert "self-hosted" in jobs["gpu"]["runs-on"] and "gpu" in jobs["gpu"]["runs-on"]
+    runs = [step["run"] for job in jobs.values() for step in job["steps"] if "run" in step]
+    assert any("ci/build.sh" in r and "--backend trt" in r for r in runs)
+    for command in runs:
+        for script in re.findall(r"(ci/[\w.-]+\.sh)", command):
+            assert os.access(REPO / script, os.X_OK), f"{script} is not an executable file"
+    cache = next(s for s in jobs["cpu"]["steps"] if s.get("uses", "").startswith("actions/cache"))
+    assert cache["with"]["path"] == "artifacts" and "hashFiles(" in cache["with"]["key"]
+    assert "python -m export.build" in ENTRY.read_text()
+
+
+def run_entry(*args):
+    return subprocess.run([str(ENTRY), *args], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=os.environ | {"PYTHONPATH": str(REPO)})
+
+
+def test_entry_point_builds_a_precision_matrix_with_its_report(tiny_model_factory, tmp_path):
+    store = tmp_path / "store"
+    result = run_entry(str(tiny_model_factory("llama")), "fp32,int8", str(store), "--threads", "1",
+                       "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
+                       "--max-ppl-increase", "50", "--max-float-fraction", "0.5", "--bench-runs", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((store / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert [e["precision"] for e in report["engines"]] == ["fp32", "int8"]
+    for engine in report["engines"]:
+        assert engine["latency"]["tpot_ms"]["p50"] > 0 and engine["accuracy"]["top1_agreement"] > 0
+        assert engine["accuracy"]["perplexity_increase_percent"] <= 50
+    assert report["engines"][1]["kept_in_float"][0] == "lm_head"
+    markdown = (store / "report.md").read_text()
+    assert "| int8 |" in markdown and "Kept in float (int8): `lm_head`" in markdown
+    assert ("matplotlib is not installed" in markdown) == isinstance(report["plots"], str)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["/nonexistent/model", "fp32"], 2, "/nonexistent/model"),
+    (["default", "fp32,int3"], 2, "unknown precision int3"),
+])
+def test_entry_point_bad_input_has_the_documented_exit_code(tmp_path, args, code, message):
+    result = run_entry(*args, str(tmp_path / "store"))
+    assert result.returncode == code
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_report_path_that_is_a_file_exits_2(tiny_model_factory, tmp_path):
+    (tmp_path / "taken").write_text("")
+    result = run_entry(str(tiny_model_factory("llama")), "fp32", str(tmp_path / "store"),
+                       "--report", str(tmp_path / "taken"))
+    assert result.returncode == 2 and "--report" in result.stderr.strip().splitlines()[-1]
