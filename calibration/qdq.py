@@ -111,10 +111,13 @@ def fake_quantize_weight_int4(weight: np.ndarray, axis: int, block: int = INT4_B
 def quantize_int4(model_path, keep: frozenset[str], destination) -> None:
     """Block-wise int4 weights as DequantizeLinear(block_size) + MatMul, through onnxruntime's quantizer:
     TensorRT reads the blocked Q/DQ, and ONNX Runtime fuses each pair into MatMulNBits."""
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
     quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
                                      nodes_to_exclude=sorted(keep), quant_format=QuantFormat.QDQ)
     quantizer.process()
