@@ -174,3 +174,13 @@ def test_more_requests_than_the_queue_holds_get_429(chat_export):
         assert "retry later" in limited.json()["error"]["message"]
     finally:
         running.stop()
+
+
+def test_loadtest_reports_every_concurrency_and_the_memory_check(chat_export, tmp_path):
+    result = run_cli("runtime.loadtest", str(chat_export.path), "--clients", "1,2", "--requests", "2",
+                     "--max-tokens", "4", "--rss-requests", "20", "--threads", "1", "--json", str(tmp_path / "lt.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "lt.json").read_text())
+    assert [row["clients"] for row in report["rows"]] == [1, 2]
+    assert all(row["tokens_per_second"] > 0 and row["ttft_ms"]["p50"] > 0 for row in report["rows"])
+    assert report["rss"]["after_10_mb"] > 0 and "growth_percent" in report["rss"]
