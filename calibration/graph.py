@@ -37,6 +37,7 @@ def weight_array(node: ir.Node) -> np.ndarray:
 
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)  # a stale declared shape would contradict shape inference
 
 
 def linear_groups(graph: ir.Graph) -> dict[ir.Value, list[ir.Node]]:
