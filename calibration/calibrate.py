@@ -40,7 +40,6 @@ from runtime.text import load_codec
 STAGE = "calibrate"
 MODEL_FILE = "model.onnx"
 PRECISIONS = ("int8", "int8-weight-only", "int4")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -109,9 +108,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
                                 work, progress)
         increase = chosen.evaluation.increase_over(reference)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
-        for name in TOKENIZER_FILES:
-            if name in parent.manifest["files"]:
-                shutil.copyfile(parent.file(name), writer.dir / name)
+        writer.copy_text_files(parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics = {

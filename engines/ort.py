@@ -28,7 +28,6 @@ from runtime.progress import Ticker
 
 STAGE = "engine"
 MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -130,9 +129,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
             graph = build_graph(parent, writer.dir / MODEL_FILE, config, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for name in TOKENIZER_FILES:
-        if name in parent.manifest["files"]:
-            shutil.copyfile(parent.file(name), writer.dir / name)
+    writer.copy_text_files(parent)
     progress(f"[engine] {graph['ops_before']} -> {graph['ops_after']} ops; attention: {graph['attention']}")
     session = {"provider": config.provider, "threads": config.threads, "graph_optimization": "extended (saved)"}
     metrics = {"fusion": graph, "session": session, "build_seconds": round(time.perf_counter() - started, 1)}

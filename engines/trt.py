@@ -6,7 +6,6 @@ imported only when a plan is built or loaded, so everything else runs (and is te
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,6 @@ from runtime.trt_session import PLAN_FILE, compatibility_keys, import_cudart
 
 STAGE = "engine"
 MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 STEP_INPUTS = ("input_ids", "position_ids")
 
 
@@ -164,9 +162,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: TrtConfig, verify=None
     started = time.perf_counter()
     progress(f"[engine] TensorRT {trt.__version__}: strongly typed network from {parent.path.name}")
     keys = build_plan(trt, parent.file(MODEL_FILE), parent.io, config, writer.dir / PLAN_FILE)
-    for name in TOKENIZER_FILES:
-        if name in parent.manifest["files"]:
-            shutil.copyfile(parent.file(name), writer.dir / name)
+    writer.copy_text_files(parent)
     precision = parent.manifest.get("precision", "fp32")
     metrics = {"compatibility": keys, "profiles": [{k: list(map(list, v)) for k, v in p.items()}
                                                    for p in profiles(parent.io, config)],

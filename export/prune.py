@@ -44,7 +44,6 @@ from runtime.text import load_codec
 
 STAGE = "prune"
 MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 KINDS = ("mlp", "heads", "layers")
 
 
@@ -378,9 +377,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
         raise BadInputError(str(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for name in TOKENIZER_FILES:
-        if name in parent.manifest["files"]:
-            shutil.copyfile(parent.file(name), writer.dir / name)
+    writer.copy_text_files(parent)
     new_facts = pruned_facts(facts, plan, model)
     before, after = parameter_count(graph_model), parameter_count(model)
     (writer.dir / "plan.json").write_text(json.dumps(plan_record(plan, facts), indent=1))

@@ -105,6 +105,9 @@ class Artifact:
         return sum(entry["size"] for entry in self.manifest["files"].values())
 
 
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def folder_name(stage: str, ident: str) -> str:
     return f"{stage}-{ident}"
 
@@ -195,6 +198,12 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def copy_text_files(self, parent: Artifact) -> None:
+        """The tokenizer and chat template travel with every artifact derived from the export."""
+        for name in TEXT_FILES:
+            if name in parent.manifest["files"]:
+                shutil.copyfile(parent.file(name), self.dir / name)
 
     def provisional(self, io: dict[str, Any], **manifest: Any) -> Artifact:
         """The folder as an Artifact before it is committed, so a stage can run what it wrote (engine
