@@ -87,7 +87,8 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         layers = find_attention_layers(graph)
         if not layers:
             return ir.passes.PassResult(model, False)
-        shared = _SharedInputs(graph, self.facts)
+        dtype = layers[0].query.type.dtype if layers[0].query.type is not None else ir.DataType.FLOAT
+        shared = _SharedInputs(graph, self.facts, dtype.numpy())
         for position, layer in enumerate(layers):  # cache I/O is numbered by position (pruning drops layers)
             self._fuse(graph, layer, position, shared)
         model.opset_imports.setdefault(CONTRIB, 1)
@@ -165,11 +166,11 @@ def _replace_graph_output(graph: ir.Graph, name: str, value: ir.Value) -> None:
 class _SharedInputs:
     """Values every fused layer reads, built once: rotary tables, cache lengths and the padding bias."""
 
-    def __init__(self, graph: ir.Graph, facts: AttentionFacts):
-        self.graph = graph
+    def __init__(self, graph: ir.Graph, facts: AttentionFacts, dtype: np.dtype):
+        self.graph, self.dtype = graph, np.dtype(dtype)  # the attention's own type: float32, or float16
         cos, sin = facts.rotary_tables()
-        self.cos = self._initializer("rotary.cos_cache", cos)
-        self.sin = self._initializer("rotary.sin_cache", sin)
+        self.cos = self._initializer("rotary.cos_cache", cos.astype(self.dtype))
+        self.sin = self._initializer("rotary.sin_cache", sin.astype(self.dtype))
         self.positions = self.input("position_ids")
         mask, ids = self.input("attention_mask"), self.input("input_ids")
         total = self.add(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}))  # int64 [1]
@@ -202,9 +203,9 @@ class _SharedInputs:
     def _padding_bias(self, mask: ir.Value, batch: ir.Value, sequence: ir.Value, total: ir.Value) -> ir.Value:
         """[batch, 1, sequence, total]: 0 where the key is a real token, the float minimum where it is padding
         (finite, so a fully padded query row gives uniform weights instead of NaN)."""
-        keep = self.add(ir.node("Cast", [mask], attributes={"to": ir.DataType.FLOAT}))
-        lowest = self._initializer("attention.lowest", np.array(np.finfo(np.float32).min, np.float32))
-        one = self._initializer("attention.one_float", np.array(1.0, np.float32))
+        keep = self.add(ir.node("Cast", [mask], attributes={"to": ir.DataType.from_numpy(self.dtype)}))
+        lowest = self._initializer("attention.lowest", np.array(np.finfo(self.dtype).min, self.dtype))
+        one = self._initializer("attention.one_float", np.array(1.0, self.dtype))
         padding = self.add(ir.node("Sub", [one, keep]))
         bias = self.add(ir.node("Mul", [padding, lowest]))
         axes = self._initializer("attention.axes_1_2", np.array([1, 2], np.int64))

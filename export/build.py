@@ -17,6 +17,7 @@ from pathlib import Path
 
 from calibration import calibrate
 from calibration.data import DataConfig, load_samples, within_context
+from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
 from engines.verify import Reference, verify
@@ -26,8 +27,8 @@ from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 from runtime.progress import Ticker
 
-# Precisions this version builds (float16 arrives with the engines, for GPUs).
-PRECISIONS = ("fp32", *calibrate.PRECISIONS)
+# Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
+PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
 BACKENDS = ("auto", "ort", "trt")
 
 
@@ -313,7 +314,8 @@ def accuracy_text(metrics: dict) -> str:
     if "accuracy" in metrics:
         acc = metrics["accuracy"]
         return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
-                f"{len(metrics['kept_in_float'])} layers float")
+                + (f"{len(metrics['kept_in_float'])} layers float" if "kept_in_float" in metrics
+                   else f"{metrics.get('float16_ops', 0)} ops float16"))
     return "-"
 
 
@@ -375,8 +377,21 @@ def build(config: BuildConfig) -> list[StageResult]:
         if precision in calibrate.PRECISIONS:
             parent = run_calibrate(config, float_graph.artifact, precision)
             results.append(parent)
+        elif precision == "fp16":
+            parent = run_fp16(config, float_graph.artifact)
+            results.append(parent)
         results.append(run_engine(config, parent.artifact, export=float_graph.artifact, backend=backend))
     return results
+
+
+def run_fp16(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
+    data = config.calibration.data
+
+    def produce(writer):
+        return fp16.run(parent, writer, verification_windows(parent, data), config.engine.threads,
+                        allow_loss=config.calibration.allow_accuracy_loss, progress=progress)
+
+    return run_stage(config.out, fp16.STAGE, parent.id, {"verification_data": asdict(data)}, produce)
 
 
 def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:

@@ -122,3 +122,29 @@ def test_bad_engine_flags_are_clear_errors(tiny_model_factory, tmp_path, flags, 
     result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path), *flags)
     assert result.returncode == code
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_float16_keeps_norms_softmax_and_logits_in_float32(export_factory, tmp_path):
+    from engines.fp16 import ConvertToFloat16Pass
+
+    export = export_factory("llama")
+    model = ir.load(str(export.file("model.onnx")))
+    convert = ConvertToFloat16Pass()
+    assert convert(model).modified and convert.half_nodes > 50
+    nodes = list(model.graph)
+    dtype = lambda v: (v.const_value.dtype if v.const_value is not None else v.type.dtype)  # noqa: E731
+    assert all(dtype(n.inputs[0]) == ir.DataType.FLOAT for n in nodes if n.op_type in ("Softmax", "Pow"))
+    assert all(dtype(i) == ir.DataType.FLOAT for n in nodes if n.name == "lm_head" for i in n.inputs)
+    assert any(dtype(n.inputs[1]) == ir.DataType.FLOAT16 for n in nodes if n.name.endswith("mlp.down_proj"))
+    assert all(v.type.dtype == ir.DataType.FLOAT for v in [*model.graph.inputs[3:], *model.graph.outputs])
+
+
+def test_float16_build_passes_its_gate_and_fuses(tiny_model_factory, tmp_path):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+                     "--precision", "fp16", "--threads", "1", "--bench-runs", "0")
+    assert result.returncode == 0, result.stderr
+    converted = json.loads(next(tmp_path.glob("fp16-*/manifest.json")).read_text())
+    assert converted["precision"] == "fp16" and converted["metrics"]["accuracy"]["passed"]
+    engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
+    assert engine["metrics"]["fusion"]["attention"] == "fused"
+    assert abs(engine["metrics"]["verification"]["perplexity_increase_percent"]) < 0.5
