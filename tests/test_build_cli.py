@@ -123,4 +123,4 @@ def test_build_killed_mid_stage_leaves_no_artifact(tiny_model_factory, tmp_path)
     # The next build cleans the dead build's temporary folder and completes.
     result = run_cli("export.build", "--model", model, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["engine", "export"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["engine", "export"]
