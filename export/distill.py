@@ -115,7 +115,7 @@ def distill(student, teacher, windows: np.ndarray, steps: int, learning_rate: fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step + 1, steps, losses[-1])
     student.eval()

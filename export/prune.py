@@ -325,7 +325,8 @@ def pruned_facts(facts: dict, plan: PrunePlan, model: ir.Model) -> dict:
     new = dict(facts)
     new["layers"] = len(kept_layers)
     new["layer_kv_heads"] = layer_kv if len(set(layer_kv)) > 1 or layer_kv[0] != facts["kv_heads"] else None
-    new["linear_layers"] = [n.name for n in linear_nodes(model.graph) if n.name in set(facts["linear_layers"])]
+    remaining = {node.name for node in model.graph}  # a tied LM head reads a Transpose: not a linear_node
+    new["linear_layers"] = [name for name in facts["linear_layers"] if name in remaining]
     return new
 
 
