@@ -42,7 +42,7 @@ def test_graph_passes_equal_the_plan_on_the_pytorch_model(tiny_model_factory, ex
     with torch.no_grad():
         expected = prune_module(load_model(resolve(str(folder))), plan)(input_ids=torch.as_tensor(ids)).logits
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
-    assert facts["layers"] == 2 - len(plan.dropped_layers)
+    assert facts["layers"] == 2 - len(plan.dropped_layers) and "lm_head" in facts["linear_layers"]
     names = [v.name for v in model.graph.inputs]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:] == [f"past_key_values.{i}.{k}" for i in range(facts["layers"]) for k in ("key", "value")]
