@@ -460,7 +460,7 @@ def budget_search(config, all_units, blocks, facts, energies, source, samples, r
         raise BadInputError(f"no pruning fits a {config.budget}% perplexity budget (the cheapest unit already "
                             f"costs {tried[-1]['perplexity_increase_percent']:.2f}%); raise --prune-budget")
     low = 1
-    while high - low > max(1, len(ordered) // 64):
+    while high - low > 1:  # to the unit: a coarse stop left whole budgets unspent
         middle = (low + high) // 2
         if increase(middle) <= config.budget:
             low = middle
