@@ -32,10 +32,15 @@ class TokenClock:
 
 
 def source_model(art: artifacts.Artifact) -> str:
-    spec = art.manifest.get("config", {}).get("model")
-    if not spec:
-        raise BadInputError(f"artifact {art.path} does not record the model it came from; pass an export artifact")
-    return spec
+    """The model the artifact's export came from, following parents through the artifact's store."""
+    current = art
+    while not current.manifest.get("config", {}).get("model"):
+        parents = list(current.path.parent.glob(f"*-{current.manifest.get('parent')}"))
+        if not current.manifest.get("parent") or not parents:
+            raise BadInputError(f"artifact {art.path} does not record the model it came from, and its export is "
+                                "not beside it; pass an export artifact")
+        current = artifacts.load(parents[0], verify=False)
+    return current.manifest["config"]["model"]
 
 
 def measure(model, prompt: list[int], gen_len: int) -> dict:
