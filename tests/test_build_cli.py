@@ -124,3 +124,16 @@ def test_build_killed_mid_stage_leaves_no_artifact(tiny_model_factory, tmp_path)
     result = run_cli("export.build", "--model", model, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["engine", "export"]
+
+
+def test_anything_unexpected_exits_1_naming_the_log(tmp_path, monkeypatch, capsys):
+    from export import build
+
+    def broken(config):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(build, "build", broken)
+    assert build.main(["--out", str(tmp_path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unexpected RuntimeError: disk on fire" in last and str(tmp_path / "lmforge-error.log") in last
+    assert "Traceback" in (tmp_path / "lmforge-error.log").read_text()
