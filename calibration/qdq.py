@@ -108,6 +108,9 @@ def fake_quantize_weight_int4(weight: np.ndarray, axis: int, block: int = INT4_B
     return restored if axis == 1 else restored.T
 
 
+INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names
+
+
 def quantize_int4(model_path, keep: frozenset[str], destination) -> None:
     """Block-wise int4 weights as DequantizeLinear(block_size) + MatMul, through onnxruntime's quantizer:
     TensorRT reads the blocked Q/DQ, and ONNX Runtime fuses each pair into MatMulNBits."""
@@ -121,4 +124,7 @@ def quantize_int4(model_path, keep: frozenset[str], destination) -> None:
     quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
                                      nodes_to_exclude=sorted(keep), quant_format=QuantFormat.QDQ)
     quantizer.process()
+    for node in quantizer.model.model.graph.node:  # it renames what it quantizes; our passes find layers by name
+        if node.name.endswith(INT4_RENAMED):
+            node.name = node.name[: -len(INT4_RENAMED)]
     quantizer.model.save_model_to_file(str(destination), use_external_data_format=False)

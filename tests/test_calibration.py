@@ -266,3 +266,6 @@ def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_facto
     assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
     assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked)
+    assert "model.layers.1.self_attn.o_proj" in {n.name for n in proto.graph.node}  # names survive quantizing
+    engine = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
+    assert engine["metrics"]["fusion"]["attention"] == "fused"
