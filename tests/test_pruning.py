@@ -95,18 +95,24 @@ def test_repair_reduces_the_output_error(export_factory, tmp_path):
     (["--prune", "mlp=0.1", "--prune-budget", "5"], "--prune and --prune-budget both choose what to prune"),
     (["--prune-budget", "0.0001"], "no pruning fits a 0.0001% perplexity budget"),
 ])
-def test_bad_pruning_requests_exit_2(tiny_model_factory, tmp_path, flags, message):
-    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path),
+def test_bad_pruning_requests_exit_2(tiny_model_factory, shared_store, flags, message):
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(shared_store),
                      "--prune-multiple", "16", "--threads", "1", *flags)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
-    assert not list(tmp_path.glob("prune-*"))
+    assert not list(shared_store.glob("prune-*"))
 
 
-def test_plan_for_another_model_is_refused(tiny_model_factory, tmp_path):
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One store for the refused requests: its export is built once and reused, and nothing else is written."""
+    return tmp_path_factory.mktemp("refused")
+
+
+def test_plan_for_another_model_is_refused(tiny_model_factory, shared_store, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"model": {"model_type": "llama", "layers": 30}, "plan": {"dropped_layers": [3]}}))
-    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path / "s"),
+    result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(shared_store),
                      "--prune-plan", str(plan))
     assert result.returncode == 2
     assert "was made for another model (layers differ)" in result.stderr.strip().splitlines()[-1]
