@@ -109,34 +109,33 @@ def parse(trt, logger, onnx_path: Path):
     return builder, network, parser
 
 
-class _Progress:
+def progress_monitor(trt):
     """Builder progress on stderr (TensorRT's IProgressMonitor), one line per finished phase."""
 
-    def __new__(cls, trt):
-        class Monitor(trt.IProgressMonitor):
-            def __init__(self):
-                trt.IProgressMonitor.__init__(self)
-                self.started: dict[str, float] = {}
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.started: dict[str, float] = {}
 
-            def phase_start(self, phase_name, parent_phase, num_steps):
-                self.started[phase_name] = time.perf_counter()
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.started[phase_name] = time.perf_counter()
 
-            def step_complete(self, phase_name, step):
-                return True  # never cancel
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
 
-            def phase_finish(self, phase_name):
-                seconds = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
-                print(f"[engine] TensorRT {phase_name} {seconds:.1f}s", file=sys.stderr, flush=True)
+        def phase_finish(self, phase_name):
+            seconds = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
+            print(f"[engine] TensorRT {phase_name} {seconds:.1f}s", file=sys.stderr, flush=True)
 
-        return Monitor()
+    return Monitor()
 
 
 def build_plan(trt, onnx_path: Path, io: dict, config: TrtConfig, destination: Path) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
-    builder, network, _parser = parse(trt, logger, onnx_path)
+    builder, network, _parser = parse(trt, logger, onnx_path)  # the parser must outlive the network's build
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gb * 2**30))
-    builder_config.progress_monitor = _Progress(trt)
+    builder_config.progress_monitor = progress_monitor(trt)
     if config.version_compatible:
         builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache_path = Path(config.timing_cache)

@@ -28,6 +28,9 @@ class _Cancelled(Exception):
     pass
 
 
+_STOP = object()  # put on the queue by close(): the worker finishes its batch and ends
+
+
 @dataclass
 class Job:
     """A request in flight. Events arrive on `events` (an asyncio queue of the caller's loop):
@@ -66,8 +69,8 @@ class Service:
                  batching: bool = True):
         self.session, self.metrics = session, metrics
         self.max_batch = max_batch if batching else 1
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self._held: Job | None = None  # taken from the queue but not batchable with the running batch
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._held = None  # taken from the queue but not batchable with the running batch (or _STOP)
         self._worker = threading.Thread(target=self._run, name="lmforge-service", daemon=True)
         self._worker.start()
 
@@ -81,16 +84,16 @@ class Service:
         return job
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._queue.put(_STOP)
         self._worker.join(timeout=30)
 
     # -- the worker -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            first = self._held or self._queue.get()
+            first = self._held if self._held is not None else self._queue.get()
             self._held = None
-            if first is None:
+            if first is _STOP:
                 return
             batch = self._gather(first)
             live = [job for job in batch if not job.cancelled]
@@ -108,11 +111,8 @@ class Service:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None or batch_key(job.config) != key:
-                self._held = job
-                if job is None:  # close() while gathering: finish this batch, then stop
-                    self._held = None
-                    self._queue.put(None)
+            if job is _STOP or batch_key(job.config) != key:
+                self._held = job  # the next batch starts with it (or, for _STOP, the worker ends after this one)
                 break
             batch.append(job)
         return batch

@@ -66,8 +66,8 @@ def check_compatible(artifact: artifacts.Artifact, trt) -> None:
     keys = artifact.metrics.get("compatibility") or {}
     here = compatibility_keys(trt, keys.get("version_compatible", False))
     problems = []
-    if keys.get("tensorrt") != here["tensorrt"] and not (keys.get("version_compatible")
-                                                         and keys.get("tensorrt", "") <= here["tensorrt"]):
+    built, running = _version(keys.get("tensorrt")), _version(here["tensorrt"])
+    if built != running and not (keys.get("version_compatible") and built <= running):
         problems.append(f"built with TensorRT {keys.get('tensorrt')}, this machine has {here['tensorrt']}")
     if keys.get("gpu") != here["gpu"] or keys.get("compute_capability") != here["compute_capability"]:
         problems.append(f"built for {keys.get('gpu')} (sm {keys.get('compute_capability')}), this GPU is "
@@ -75,6 +75,11 @@ def check_compatible(artifact: artifacts.Artifact, trt) -> None:
     if problems:
         raise BadInputError(f"{artifact.path}: the plan does not fit this machine: {'; '.join(problems)}; "
                             "rebuild it here with `python -m export.build --backend trt`")
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    """'10.16.1.11' -> (10, 16, 1, 11): versions compare by number, not as text ('10.9' < '10.16')."""
+    return tuple(int(part) for part in (text or "0").split(".") if part.isdigit())
 
 
 class TrtSession:

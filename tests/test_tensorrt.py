@@ -153,3 +153,19 @@ def test_tensorrt_engine_builds_verifies_and_decodes(tiny_model_factory, tmp_pat
         logits = session.prefill(np.array([[5, 6, 7, 8]]))
         assert np.isfinite(session.decode(np.array([int(logits[0, -1].argmax())]))).all()
         assert session.last_step_ms > 0
+
+
+def test_version_compatible_plan_runs_forward_only_by_version_number(monkeypatch, tmp_path):
+    from runtime import trt_session
+    from runtime.artifact import Artifact
+
+    def plan(built):
+        return Artifact(tmp_path, {"metrics": {"compatibility": {"tensorrt": built, "gpu": "NVIDIA L4",
+                                                                 "compute_capability": "8.9",
+                                                                 "version_compatible": True}}})
+
+    monkeypatch.setattr(trt_session, "compatibility_keys", lambda trt, vc: {
+        "tensorrt": "10.16.1", "gpu": "NVIDIA L4", "compute_capability": "8.9", "version_compatible": vc})
+    trt_session.check_compatible(plan("10.9.0"), trt=None)  # older plan, newer runtime: fine ('10.9' > '10.16' as text)
+    with pytest.raises(BadInputError, match="built with TensorRT 11.0.0, this machine has 10.16.1"):
+        trt_session.check_compatible(plan("11.0.0"), trt=None)
