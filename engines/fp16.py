@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from engines.verify import Reference
 from runtime import accuracy
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import AccuracyError
@@ -117,23 +118,24 @@ def _output_cast(graph: ir.Graph, out: ir.Value) -> ir.Value:
     return result
 
 
-def run(parent: Artifact, writer: ArtifactWriter, windows: np.ndarray, threads: int, allow_loss: bool = False,
+def run(parent: Artifact, writer: ArtifactWriter, reference: Reference, allow_loss: bool = False,
         progress=print) -> Artifact:
-    """The float16 artifact, checked against its float32 parent on held-out windows (exit 3 past the gate)."""
+    """The float16 artifact, checked against its float32 parent (`reference`, evaluated once per build and
+    shared with engine verification) on held-out windows; exit 3 past the gate."""
     started = time.perf_counter()
     model = ir.load(str(parent.file(MODEL_FILE)))
     convert = ConvertToFloat16Pass()
     convert(model)
     destination = writer.dir / MODEL_FILE
     ir.save(model, destination)
+    windows = reference.windows
     progress(f"[fp16] {convert.half_nodes} ops in float16; accuracy against float32 on {len(windows)} windows")
-    facts = parent.model_facts
-    reference = accuracy.evaluate_model(parent.file(MODEL_FILE), facts, windows, threads)
-    converted = accuracy.evaluate_model(Path(destination), facts, windows, threads)
-    increase = converted.increase_over(reference)
+    converted = accuracy.evaluate_model(Path(destination), parent.model_facts, windows, reference.threads)
+    increase = converted.increase_over(reference.evaluation)
     metrics: dict[str, Any] = {
-        "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": converted.perplexity,
-                     "perplexity_increase_percent": increase, "top1_agreement": converted.agreement(reference),
+        "accuracy": {"perplexity_fp32": reference.evaluation.perplexity, "perplexity": converted.perplexity,
+                     "perplexity_increase_percent": increase,
+                     "top1_agreement": converted.agreement(reference.evaluation),
                      "gate_percent": MAX_PPL_INCREASE, "passed": abs(increase) <= MAX_PPL_INCREASE},
         "float16_ops": convert.half_nodes, "convert_seconds": round(time.perf_counter() - started, 1)}
     if not metrics["accuracy"]["passed"] and not allow_loss:

@@ -7,11 +7,13 @@ whose artifact id already exists in the store), and prints the summary table.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -257,7 +259,7 @@ def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: st
                      lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
 
 
-def run_engine(config: BuildConfig, parent: artifacts.Artifact, export: artifacts.Artifact, backend: str
+def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference], backend: str
                ) -> StageResult:
     data = config.calibration.data
     if backend == "ort":
@@ -271,12 +273,22 @@ def run_engine(config: BuildConfig, parent: artifacts.Artifact, export: artifact
         return ort_engine.run(parent, writer, config.engine, verify=check, progress=progress)
 
     def produce(writer):
-        windows = verification_windows(export, data)
-        progress(f"[engine] fp32 reference on {len(windows)} held-out windows")
-        reference = Reference.of(export, windows, config.engine.threads)
-        return build(writer, lambda engine: verify(engine, parent, reference))
+        return build(writer, lambda engine: verify(engine, parent, reference()))
 
     return run_stage(config.out, ort_engine.STAGE, parent.id, stage_config, produce)
+
+
+def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callable[[], Reference]:
+    """The float graph's held-out evaluation, computed at most once per build and only when a stage needs it
+    (every engine and the fp16 check compare against the same one)."""
+
+    @functools.cache
+    def reference() -> Reference:
+        windows = verification_windows(float_graph, config.calibration.data)
+        progress(f"[reference] float32 evaluation on {len(windows)} held-out windows")
+        return Reference.of(float_graph, windows, config.engine.threads)
+
+    return reference
 
 
 def verification_windows(export: artifacts.Artifact, data: DataConfig):
@@ -374,24 +386,25 @@ def build(config: BuildConfig) -> list[StageResult]:
         if config.distillation.steps:
             float_graph = run_distill(config, float_graph.artifact)
             results.append(float_graph)
+    reference = reference_of(float_graph.artifact, config)
     for precision in config.precisions:
         parent = float_graph
         if precision in calibrate.PRECISIONS:
             parent = run_calibrate(config, float_graph.artifact, precision)
             results.append(parent)
         elif precision == "fp16":
-            parent = run_fp16(config, float_graph.artifact)
+            parent = run_fp16(config, float_graph.artifact, reference)
             results.append(parent)
-        results.append(run_engine(config, parent.artifact, export=float_graph.artifact, backend=backend))
+        results.append(run_engine(config, parent.artifact, reference, backend=backend))
     return results
 
 
-def run_fp16(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
+def run_fp16(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference]) -> StageResult:
     data = config.calibration.data
 
     def produce(writer):
-        return fp16.run(parent, writer, verification_windows(parent, data), config.engine.threads,
-                        allow_loss=config.calibration.allow_accuracy_loss, progress=progress)
+        return fp16.run(parent, writer, reference(), allow_loss=config.calibration.allow_accuracy_loss,
+                        progress=progress)
 
     return run_stage(config.out, fp16.STAGE, parent.id, {"verification_data": asdict(data)}, produce)
 

@@ -10,10 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from export.report import measure_latency
 from runtime import artifact as artifacts
-from runtime.bench import prompt_ids, this_runtime
 from runtime.errors import LmforgeError
-from runtime.session import SessionOptions
+
+PROMPT_LEN = 128
 
 
 def load_store(store: Path) -> dict[str, artifacts.Artifact]:
@@ -51,20 +52,10 @@ def describe(engine: artifacts.Artifact, pruned: artifacts.Artifact | None, by_i
 
 def measure_all(rows: list[dict], engines: dict[str, artifacts.Artifact], runs: int, threads: int, gen_len: int
                 ) -> None:
-    first = next(iter(engines.values()))
-    prompt = prompt_ids(first, 128)
-    runners = {ident: this_runtime(engine, prompt, gen_len, SessionOptions(threads=threads))
-               for ident, engine in engines.items()}
-    tpots: dict[str, list[float]] = {ident: [] for ident in runners}
-    for run in runners.values():
-        run()  # warm-up
-    for _ in range(runs):
-        for ident, run in runners.items():
-            _, latencies = run()
-            tpots[ident].extend(latencies)
+    """Median TPOT of every engine, runs alternated in one process (the build report's own measurement)."""
+    latency = measure_latency(list(engines.values()), PROMPT_LEN, gen_len, runs, threads)
     for row in rows:
-        values = sorted(tpots[row["engine"]])
-        row["tpot_ms"] = values[len(values) // 2]
+        row["tpot_ms"] = latency[row["engine"]]["tpot_ms"]["p50"]
 
 
 def pareto_flags(rows: list[dict]) -> None:
