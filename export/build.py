@@ -331,14 +331,6 @@ def accuracy_text(metrics: dict) -> str:
     return "-"
 
 
-def format_rows(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns, a rule under the header row."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "artifact", "size", "time", "peak RSS", "accuracy")]
     for r in results:
@@ -346,7 +338,7 @@ def summary_table(results: list[StageResult]) -> str:
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
                      f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
-    return format_rows(rows)
+    return report.format_rows(rows)
 
 
 def comparison_table(results: list[StageResult]) -> str:
@@ -366,7 +358,7 @@ def comparison_table(results: list[StageResult]) -> str:
                      str(len(cal.get("kept_in_float", []))) if cal else "-",
                      f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
         calibrated = None
-    return format_rows(rows)
+    return report.format_rows(rows)
 
 
 def build(config: BuildConfig) -> list[StageResult]:
@@ -489,7 +481,7 @@ def latency_table(written: dict) -> str:
         tpot = lat.get("tpot_ms") or {}
         rows.append((e["precision"], e["engine_id"], f"{lat['ttft_ms']:.1f}", f"{tpot['p50']:.2f}",
                      f"{tpot['p90']:.2f}", f"{tpot['p99']:.2f}", f"{lat['tokens_per_second']:.1f}"))
-    return format_rows(rows)
+    return report.format_rows(rows)
 
 
 def _write_crash_log(out: Path) -> Path:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from export.report import measure_latency
+from export.report import format_rows, measure_latency
 from runtime import artifact as artifacts
 from runtime.errors import LmforgeError
 
@@ -76,10 +76,7 @@ def table(rows: list[dict]) -> str:
                       if "flops_per_token" in r else "-", f"{r['size_mb']:.0f}", f"{r['perplexity']:.2f}",
                       f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%", f"{r['tpot_ms']:.2f}",
                       f"{r['tpot_ms'] / base['tpot_ms']:.2f}", "*" if r["pareto"] else ""))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
+    return format_rows(lines)
 
 
 def plot(rows: list[dict], path: Path) -> str:

@@ -18,6 +18,14 @@ SCHEMA_VERSION = 1
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
+def format_rows(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def check_report_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise BadInputError(f"--report {folder} is a file; pass a folder for report.json and report.md")
