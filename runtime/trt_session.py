@@ -107,6 +107,7 @@ class TrtSession:
         self._names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in self._names}
         self._past = [n for n in self._names if n.startswith("past_key_values.")]
+        self._past_heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         self._max = {n: tuple(self.engine.get_tensor_profile_shape(n, PREFILL_PROFILE)[2]) for n in self._names
                      if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         self._kv = [self._allocate_kv(), self._allocate_kv()]  # ping-pong: [past set, present set]
@@ -126,9 +127,8 @@ class TrtSession:
 
     def _allocate_kv(self) -> list[int]:
         batch, total = self._max["input_ids"][0], self._max["attention_mask"][1]
-        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         itemsize = self._dtypes[self._past[0]].itemsize if self._past else 4
-        return [self._malloc(batch * h * total * self.facts["head_dim"] * itemsize) for h in heads]
+        return [self._malloc(batch * h * total * self.facts["head_dim"] * itemsize) for h in self._past_heads]
 
     def _copy_in(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self._dtypes[name])
@@ -148,9 +148,8 @@ class TrtSession:
             self._copy_in(name, array)
             self._bind(name, self._step_buffers[name], array.shape)
         batch = ids.shape[0]
-        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         past_set, present_set = self._kv
-        for index, (name, h) in enumerate(zip(self._past, heads)):
+        for index, (name, h) in enumerate(zip(self._past, self._past_heads)):
             self._bind(name, past_set[index], (batch, h, past_length, self.facts["head_dim"]))
             present = name.replace("past_key_values.", "present.")
             if not context.set_tensor_address(present, present_set[index]):
