@@ -35,6 +35,16 @@ def weight_array(node: ir.Node) -> np.ndarray:
     return node.inputs[1].const_value.numpy()
 
 
+def projection_weight(node: ir.Node) -> np.ndarray:
+    """The weight as the layer multiplies by it, also where it is a transposed constant (a tied LM head)."""
+    value = node.inputs[1]
+    if value.is_initializer():
+        return value.const_value.numpy()
+    transpose = value.producer()
+    perm = transpose.attributes.get_ints("perm", None)
+    return np.transpose(transpose.inputs[0].const_value.numpy(), perm)
+
+
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)  # a stale declared shape would contradict shape inference

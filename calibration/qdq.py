@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from calibration.graph import linear_nodes, weight_array, weight_axis
+from calibration.graph import projection_nodes, projection_weight, weight_axis
 
 QMAX = 127
 
@@ -43,21 +43,23 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 class QuantizeLinearLayersPass(ir.passes.InPlacePass):
     """Puts every linear layer not in `keep` behind int8 Q/DQ. Without activation scales it quantizes the
-    weights only (W8A16); with them, the inputs too (W8A8)."""
+    weights only (W8A16); with them, the inputs too (W8A8), except for the `weight_only` layers."""
 
-    def __init__(self, keep: frozenset[str], activation_scales: dict[str, float] | None = None):
+    def __init__(self, keep: frozenset[str], activation_scales: dict[str, float] | None = None,
+                 weight_only: frozenset[str] = frozenset()):
         super().__init__()
         self.keep = keep
         self.activation_scales = activation_scales
+        self.weight_only = weight_only
         self.quantized: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for node in linear_nodes(graph):
+        for node in projection_nodes(graph):  # a tied LM head too: its int8 weight becomes a constant of its own
             if node.name in self.keep:
                 continue
             new_nodes = [self._dequantized_weight(graph, node)]
-            if self.activation_scales is not None:
+            if self.activation_scales is not None and node.name not in self.weight_only:
                 # A Q/DQ pair per consumer, even where q/k/v read one tensor: ONNX Runtime fuses Q/DQ + MatMul
                 # into an integer MatMul only for a pair with a single consumer; TensorRT reads both forms alike.
                 x = node.inputs[0]
@@ -73,7 +75,7 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
 
     def _dequantized_weight(self, graph: ir.Graph, node: ir.Node) -> ir.Node:
         axis = weight_axis(node)
-        quantized, scale = quantize_weight(weight_array(node), axis)
+        quantized, scale = quantize_weight(projection_weight(node), axis)
         base = node.name
         inputs = [_constant(graph, f"{base}.weight_int8", quantized), _constant(graph, f"{base}.weight_scale", scale),
                   _constant(graph, f"{base}.weight_zero_point", np.zeros(scale.shape, dtype=np.int8))]

@@ -1,6 +1,7 @@
 """Attention fusion for ONNX Runtime: each layer's exported attention (about 60 primitive ops: reshapes,
-rotary halves, the repeated KV heads, the causal mask, softmax) becomes two `RotaryEmbedding` nodes and one
-`GroupQueryAttention` node (ONNX Runtime contrib ops, com.microsoft).
+rotary halves, the repeated KV heads, the causal mask, softmax) becomes one `GroupQueryAttention` node (an
+ONNX Runtime contrib op, com.microsoft) that also applies the rotary embedding, fed by one packed q/k/v
+projection where the three can share a MatMul (same input, same weight format).
 
 Decode of a small model is bound by per-op overhead, so the op count is where the speed is. The rewrite is
 anchored on the projections' names (`model.layers.N.self_attn.{q,k,v,o}_proj`, given by the export's naming
@@ -8,8 +9,9 @@ pass) rather than on the op pattern between them, so it holds for every exporter
 is removed as dead code. The ONNX contract (inputs, outputs, KV-cache layout) is unchanged.
 
 Padding: every row of a batch keeps the full cache length (`seqlens_k` = total - 1 for all rows) and
-left-padded positions are masked through `attention_bias`; positions come from `position_ids`, as in the
-exported graph, so batches with left padding stay exact.
+left-padded positions are masked through `attention_bias`. The rotary positions are GroupQueryAttention's own
+(the cache index, padding included): for a left-padded row that is `position_ids` plus the row's padding, a
+constant shift that rotary attention does not see, so batches with left padding stay exact (tested).
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ class AttentionFacts:
 @dataclass
 class _Layer:
     index: int
-    query: ir.Value
-    key: ir.Value
-    value: ir.Value
+    prefix: str
+    projections: tuple[ir.Node, ir.Node, ir.Node]  # q, k, v
     attention_output: ir.Value
+
+    @property
+    def outputs(self) -> list[ir.Value]:
+        return [_projection_output(node) for node in self.projections]
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
@@ -87,7 +92,8 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         layers = find_attention_layers(graph)
         if not layers:
             return ir.passes.PassResult(model, False)
-        dtype = layers[0].query.type.dtype if layers[0].query.type is not None else ir.DataType.FLOAT
+        query = layers[0].outputs[0]
+        dtype = query.type.dtype if query.type is not None else ir.DataType.FLOAT
         shared = _SharedInputs(graph, self.facts, dtype.numpy())
         for position, layer in enumerate(layers):  # cache I/O is numbered by position (pruning drops layers)
             self._fuse(graph, layer, position, shared)
@@ -99,16 +105,14 @@ class FuseAttentionPass(ir.passes.InPlacePass):
     def _fuse(self, graph: ir.Graph, layer: _Layer, i: int, shared: _SharedInputs) -> None:
         heads, kv_heads = self.facts.heads_of(i)
         past_key, past_value = shared.input(f"past_key_values.{i}.key"), shared.input(f"past_key_values.{i}.value")
-        rotated = [shared.add(ir.node("RotaryEmbedding", [x, shared.positions, shared.cos, shared.sin],
-                                      domain=CONTRIB, attributes={"interleaved": 0},
-                                      name=f"layers.{layer.index}.rotary_{kind}"))
-                   for x, kind in ((layer.query, "q"), (layer.key, "k"))]
+        packed = _pack_projections(graph, layer)
+        query, key, value = (packed, None, None) if packed is not None else layer.outputs
         attention = shared.add(ir.node(
             "GroupQueryAttention",
-            [rotated[0], rotated[1], layer.value, past_key, past_value, shared.seqlens, shared.total_length,
-             None, None, None, shared.bias],
+            [query, key, value, past_key, past_value, shared.seqlens, shared.total_length,
+             shared.cos, shared.sin, None, shared.bias],
             domain=CONTRIB, num_outputs=3, name=f"layers.{layer.index}.attention",
-            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}))
+            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}))
         output, present_key, present_value = attention.outputs
         output.shape, output.type = layer.attention_output.shape, layer.attention_output.type
         ir.convenience.replace_all_uses_with(layer.attention_output, output)
@@ -128,9 +132,8 @@ def find_attention_layers(graph: ir.Graph) -> list[_Layer]:
         if missing:
             raise BadInputError(f"layer {prefix[:-1]} has q_proj but no {', '.join(missing)}; the graph is not a "
                                 "plain exported attention (re-export with `python -m export.build`)")
-        layers.append(_Layer(int(match["layer"]), _projection_output(nodes[name]),
-                             _projection_output(nodes[prefix + "k_proj"]), _projection_output(nodes[prefix + "v_proj"]),
-                             _before_qdq(nodes[prefix + "o_proj"].inputs[0])))
+        projections = (nodes[name], nodes[prefix + "k_proj"], nodes[prefix + "v_proj"])
+        layers.append(_Layer(int(match["layer"]), prefix, projections, _before_qdq(nodes[prefix + "o_proj"].inputs[0])))
     return sorted(layers, key=lambda layer: layer.index)
 
 
@@ -143,6 +146,90 @@ def _projection_output(node: ir.Node) -> ir.Value:
         if other is not None and other.is_initializer():
             return uses[0].node.outputs[0]
     return out
+
+
+def _bias(node: ir.Node) -> np.ndarray | None:
+    """The constant bias added to the projection's output (Qwen2), or None."""
+    output = _projection_output(node)
+    if output is node.outputs[0]:
+        return None
+    add = output.producer()
+    return next(v.const_value.numpy() for v in add.inputs if v is not None and v.is_initializer())
+
+
+@dataclass(frozen=True)
+class _Weight:
+    arrays: tuple[np.ndarray, ...]  # the constant, or DequantizeLinear's data, scale and zero point
+    dequantize: tuple | None  # DequantizeLinear's attributes as sorted (name, value) pairs; None: plain
+
+    def packs_with(self, other: _Weight) -> bool:
+        return (self.dequantize == other.dequantize and len(self.arrays) == len(other.arrays)
+                and all(a.dtype == b.dtype and a.ndim == b.ndim >= 1 and a.shape[:-1] == b.shape[:-1]
+                        for a, b in zip(self.arrays, other.arrays)))
+
+
+def _weight(node: ir.Node) -> _Weight | None:
+    """The projection's weight as constants: [in, out] (or its DequantizeLinear's), None if it is computed."""
+    value = node.inputs[1]
+    if value.const_value is not None:
+        return _Weight((value.const_value.numpy(),), None)
+    producer = value.producer()
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    inputs = [v for v in producer.inputs if v is not None]
+    if any(v.const_value is None for v in inputs):
+        return None
+    attributes = tuple(sorted((name, attr.value) for name, attr in producer.attributes.items()))
+    return _Weight(tuple(v.const_value.numpy() for v in inputs), attributes)
+
+
+def _activation_key(value: ir.Value) -> tuple:
+    """What a projection reads, seen through its own Q/DQ pair (int8 gives q, k and v a pair each)."""
+    dequantize = value.producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return (id(value),)
+    quantize = dequantize.inputs[0].producer()
+    constants = [v.const_value for v in dequantize.inputs[1:] if v is not None]
+    if quantize is None or quantize.op_type != "QuantizeLinear" or any(c is None for c in constants):
+        return (id(value),)
+    return (id(quantize.inputs[0]), *(c.numpy().tobytes() for c in constants))
+
+
+def _pack_projections(graph: ir.Graph, layer: _Layer) -> ir.Value | None:
+    """One MatMul for q, k and v, weights (and biases) concatenated along the output axis: two fewer ops
+    per layer, and GroupQueryAttention reads the packed result. None where the three cannot share one."""
+    nodes = layer.projections
+    weights = [_weight(node) for node in nodes]
+    biases = [_bias(node) for node in nodes]
+    if (any(node.op_type != "MatMul" for node in nodes) or None in weights
+            or len({_activation_key(node.inputs[0]) for node in nodes}) != 1
+            or not all(weights[0].packs_with(w) for w in weights[1:])
+            or len({b is None for b in biases}) != 1):
+        return None
+    name = layer.prefix + "qkv_proj"
+    arrays = [np.concatenate(parts, axis=-1) for parts in zip(*(w.arrays for w in weights))]
+    constants = [_register(graph, f"{name}.weight.{i}", array) for i, array in enumerate(arrays)]
+    weight = constants[0]
+    if weights[0].dequantize is not None:
+        dequantize = ir.node("DequantizeLinear", constants, attributes=dict(weights[0].dequantize),
+                             name=f"{name}/weight_dq")
+        graph.insert_before(nodes[0], dequantize)
+        weight = dequantize.outputs[0]
+    matmul = ir.node("MatMul", [nodes[0].inputs[0], weight], name=name)
+    graph.insert_before(nodes[0], matmul)
+    if biases[0] is None:
+        return matmul.outputs[0]
+    add = ir.node("Add", [matmul.outputs[0], _register(graph, f"{name}.bias", np.concatenate(biases))],
+                  name=f"{name}/bias")
+    graph.insert_before(nodes[0], add)
+    return add.outputs[0]
+
+
+def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
 
 
 def _before_qdq(value: ir.Value) -> ir.Value:
@@ -171,7 +258,6 @@ class _SharedInputs:
         cos, sin = facts.rotary_tables()
         self.cos = self._initializer("rotary.cos_cache", cos.astype(self.dtype))
         self.sin = self._initializer("rotary.sin_cache", sin.astype(self.dtype))
-        self.positions = self.input("position_ids")
         mask, ids = self.input("attention_mask"), self.input("input_ids")
         total = self.add(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}))  # int64 [1]
         batch = self.add(ir.node("Shape", [ids], attributes={"start": 0, "end": 1}))
@@ -195,10 +281,7 @@ class _SharedInputs:
         return node.outputs[0] if len(node.outputs) == 1 else node
 
     def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        self.graph.register_initializer(value)
-        return value
+        return _register(self.graph, name, array)
 
     def _padding_bias(self, mask: ir.Value, batch: ir.Value, sequence: ir.Value, total: ir.Value) -> ir.Value:
         """[batch, 1, sequence, total]: 0 where the key is a real token, the float minimum where it is padding

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -28,6 +29,8 @@ from runtime.progress import Ticker
 
 STAGE = "engine"
 MODEL_FILE = "model.onnx"
+HEAD_NAMES = ("lm_head", "embed_out")  # the LM head as the export's naming pass calls it (NeoX: embed_out)
+LOGITS_TO_KEEP = "logits_to_keep"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -65,6 +68,7 @@ def build_graph(parent: Artifact, destination: Path, config: EngineConfig, work:
         facts, reason = None, "disabled (--no-fuse-attention)"
     if facts is not None and not FuseAttentionPass(facts)(model).modified:
         reason = "no q/k/v/o projections named in the graph"
+    last_logits = add_logits_to_keep(model)
     fused = work / "fused.onnx"
     ir.save(model, fused)
     del model
@@ -72,8 +76,31 @@ def build_graph(parent: Artifact, destination: Path, config: EngineConfig, work:
     fuse_norms(fused, normed)
     optimize_offline(normed, destination, config)
     after = op_counts(ir.load(destination))
-    return {"attention": reason, "ops_before": sum(before.values()), "ops_after": sum(after.values()),
-            "op_types_after": dict(after.most_common())}
+    return {"attention": reason, "logits_to_keep": last_logits, "ops_before": sum(before.values()),
+            "ops_after": sum(after.values()), "op_types_after": dict(after.most_common())}
+
+
+def add_logits_to_keep(model: ir.Model) -> bool:
+    """An optional input `logits_to_keep` (int64 [1], default 0: every position; n: the last n), applied to
+    the LM head's input. A prefill for generation needs the last position only, and the head is the largest
+    MatMul: over a 128-token prompt it is most of the time to first token. An input with a default value (an
+    initializer of the same name) keeps the contract: whoever does not feed it gets every position."""
+    head = next((node for node in model.graph if node.name in HEAD_NAMES), None)
+    if head is None:
+        return False
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.zeros(1, np.int64), name=LOGITS_TO_KEEP))
+    model.graph.inputs.append(keep)
+    model.graph.register_initializer(keep)
+    start = ir.node("Neg", [keep], name="logits_to_keep/start")
+    end = ir.Value(name="logits_to_keep.end", const_value=ir.tensor(np.array([np.iinfo(np.int64).max])))
+    axis = ir.Value(name="logits_to_keep.axis", const_value=ir.tensor(np.array([1], np.int64)))
+    for value in (end, axis):
+        model.graph.register_initializer(value)
+    kept = ir.node("Slice", [head.inputs[0], start.outputs[0], end, axis], name="logits_to_keep/slice")
+    model.graph.insert_before(head, [start, kept])
+    head.replace_input_with(0, kept.outputs[0])
+    return True
 
 
 def fuse_norms(source: Path, destination: Path) -> None:
@@ -89,7 +116,17 @@ def fuse_norms(source: Path, destination: Path) -> None:
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     optimized = optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                                optimization_options=options, use_gpu=False)
+    _keep_contract_inputs(onnx.load(str(source), load_external_data=False), optimized.model)
     optimized.save_model_to_file(str(destination), use_external_data_format=_needs_external_data(source))
+
+
+def _keep_contract_inputs(source: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """The optimizer prunes graph inputs nothing reads (position_ids, once GroupQueryAttention derives the
+    rotary positions itself); the contract keeps every input, so the runtime feeds every engine alike."""
+    present = {value.name for value in optimized.graph.input}
+    for index, value in enumerate(source.graph.input):
+        if value.name not in present:
+            optimized.graph.input.insert(index, value)
 
 
 def optimize_offline(source: Path, destination: Path, config: EngineConfig) -> None:

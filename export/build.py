@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        help="rotate the residual stream before quantizing (RMSNorm models)")
     calib.add_argument("--online-rotation", action="store_true",
                        help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
-    calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave in float "
-                       "(the LM head always is)")
+    calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
+                       "(the LM head's weights are int8 and its input float unless it is named here)")
     calib.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase,
                        help="accuracy gate, percent perplexity increase over fp32")
     calib.add_argument("--max-float-fraction", type=float, default=defaults.max_float_fraction)
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
                       seq_len=args.calib_seq_len, eval_samples=args.eval_samples, seed=args.calib_seed,
                       chat=args.calib_chat)
-    keep = tuple(dict.fromkeys(["lm_head", *(n.strip() for n in args.keep_fp.split(",") if n.strip())]))
+    keep = tuple(dict.fromkeys(n.strip() for n in args.keep_fp.split(",") if n.strip()))
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,

@@ -1,9 +1,11 @@
-"""The plain onnxruntime-Python loop: the same graph driven the way most users first write it
-(`InferenceSession.run` with numpy feeds, the cache copied back through Python each step). It is the
-baseline the C-API session must not be slower than, and the reference its logits are checked against."""
+"""Baselines this runtime is measured against. The plain onnxruntime-Python loop: the same graph driven the
+way most users first write it (`InferenceSession.run` with numpy feeds, the cache copied back through Python
+each step), the baseline the C-API session must not be slower than and the reference its logits are checked
+against. And onnxruntime-genai's own loop on a model its builder made (optional: only where it is installed)."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,4 +71,35 @@ def plain_greedy(session, facts: dict, prompt: np.ndarray, steps: int) -> LoopRu
             run.ttft_ms = elapsed
         else:
             run.step_ms.append(elapsed)
+    return run
+
+
+def genai_loop(model_dir: str | Path, prompt: list[int], steps: int, threads: int | None):
+    """onnxruntime-genai's own generation loop on a model its builder made: a function that runs one greedy
+    generation of exactly `steps` tokens and returns (TTFT ms, decode step ms)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    length = len(prompt) + steps
+
+    def run() -> tuple[float, list[float]]:
+        params = og.GeneratorParams(model)
+        # min_length too: every run generates exactly `steps` tokens, as ours do (no stop on EOS).
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt)
+        generator.generate_next_token()
+        ttft = (time.perf_counter() - started) * 1000
+        step_ms = []
+        while not generator.is_done():
+            started = time.perf_counter()
+            generator.generate_next_token()
+            step_ms.append((time.perf_counter() - started) * 1000)
+        return ttft, step_ms
+
     return run

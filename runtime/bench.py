@@ -4,7 +4,9 @@ Token latency of the artifact through this runtime (and of `--compare` artifacts
 printed as a ratio: an int8 build against its fp32 parent, say). With `--baselines`, the same graph through the plain
 onnxruntime-Python loop is measured in the same process, runs alternated with ours so both see the same
 machine state; PyTorch eager (transformers `generate`) is measured afterwards in a subprocess when torch is
-installed. Each baseline is printed as a ratio to this runtime. Warm-up runs are kept apart.
+installed. `--genai fp32,int8,int4` adds onnxruntime-genai's own builder and loop on the same source weights
+(built once in a subprocess and cached; needs onnxruntime-genai), runs alternated with ours. Each baseline is
+printed as a ratio to this runtime. Warm-up runs are kept apart.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime import artifact as artifacts
-from runtime.baselines import plain_greedy, plain_session
-from runtime.errors import LmforgeError
+from runtime.baselines import genai_loop, plain_greedy, plain_session
+from runtime.errors import EXIT_BACKEND_UNAVAILABLE, LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.progress import track
 from runtime.report import percentile
@@ -118,6 +120,21 @@ def pytorch_eager(art: artifacts.Artifact, prompt: list[int], gen_len: int, runs
                         runs=[(r["ttft_ms"], r["step_ms"]) for r in data["runs"]])
 
 
+def onnxruntime_genai(art: artifacts.Artifact, precision: str, prompt: list[int], gen_len: int, threads: int
+                      ) -> Callable[[], Run]:
+    """onnxruntime-genai's loop on its builder's model of the artifact's source weights (built in a subprocess:
+    the builder needs torch)."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise LmforgeError("onnxruntime-genai is not installed; `pip install onnxruntime-genai` for --genai",
+                           exit_code=EXIT_BACKEND_UNAVAILABLE)
+    result = subprocess.run([sys.executable, "-m", "export.genai_baseline", str(art.path), "--precision", precision],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LmforgeError((result.stderr.strip().splitlines() or ["onnxruntime-genai's builder failed"])[-1]
+                           .removeprefix("error: "), exit_code=result.returncode)
+    return genai_loop(result.stdout.strip().splitlines()[-1], prompt, gen_len, threads)
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -135,7 +152,8 @@ def rss_growth(run: Callable[[], Run], gen_len: int, tokens: int) -> dict:
 
 
 def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, options: SessionOptions, warmup: int,
-            baselines: bool, rss_tokens: int, compare: tuple[artifacts.Artifact, ...] = ()) -> dict:
+            baselines: bool, rss_tokens: int, compare: tuple[artifacts.Artifact, ...] = (),
+            genai: tuple[str, ...] = ()) -> dict:
     prompt = prompt_ids(art, prompt_len)
     threads = options.threads
     runners = {THIS: this_runtime(art, prompt, gen_len, options)}
@@ -144,6 +162,8 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
             other, prompt, gen_len, options)
     if baselines:
         runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
+    for precision in genai:
+        runners[f"onnxruntime-genai {precision}"] = onnxruntime_genai(art, precision, prompt, gen_len, threads)
     results = {name: Measurements(name) for name in runners}
     for name, run in runners.items():
         results[name].warmup = [run() for _ in range(warmup)]
@@ -199,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu or cuda")
     parser.add_argument("--baselines", action="store_true",
                         help="also measure the plain onnxruntime-Python loop and PyTorch eager")
+    parser.add_argument("--genai", default="",
+                        help="also measure onnxruntime-genai's builder and loop at these precisions (fp32,int8,int4)")
     parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
     parser.add_argument("--compare", nargs="*", default=[],
                         help="more artifacts to run through this runtime in the same run (e.g. the fp32 parent)")
@@ -211,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         options = SessionOptions(threads=args.threads, provider=args.provider)
         compare = tuple(artifacts.load(path) for path in args.compare)
         report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,
-                         args.baselines, args.rss_tokens, compare)
+                         args.baselines, args.rss_tokens, compare,
+                         tuple(p.strip() for p in args.genai.split(",") if p.strip()))
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -119,7 +119,7 @@ def generate(session: Session, prompts: Sequence[Sequence[int]] | Sequence[int],
 
     session.reset()
     started = time.perf_counter()
-    logits = session.prefill(ids, mask)
+    logits = session.prefill(ids, mask, last_only=True)
     feed = accept(sampler(logits[:, -1, :]))
     ttft_ms = (time.perf_counter() - started) * 1000
     step_ms = []

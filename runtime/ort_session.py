@@ -37,6 +37,7 @@ from runtime.session import (
 
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
+LOGITS_TO_KEEP = b"logits_to_keep"
 PROVIDERS = ("cpu", "cuda")
 _ENV_LOCK = threading.Lock()
 # A memoryview over foreign memory without building a ctypes array type per call (that costs ~0.1 ms).
@@ -67,6 +68,7 @@ class OrtSession:
         self.options = options
         self._api = api = load_api(options.library)
         self._session = self._binding = self._memory = self._cache_memory = None
+        self._logits_to_keep_values: dict[bool, int] = {}
         self._allocator = api.out("GetAllocatorWithDefaultOptions")  # owned by ONNX Runtime: never freed
         self._session = self._create_session(artifact.file(MODEL_FILE), options)
         self.input_names = self._names("SessionGetInputCount", "SessionGetInputName")
@@ -74,6 +76,12 @@ class OrtSession:
         self._past_names = [n.encode() for n in self.input_names if n.startswith("past_key_values.")]
         self._output_names = [n.encode() for n in self.output_names]
         self._memory = api.out("CreateCpuMemoryInfo", ORT_DEVICE_ALLOCATOR, ORT_MEM_TYPE_DEFAULT)
+        # Engines take an optional `logits_to_keep` (an input with a default value): bound to 1, the LM head
+        # runs on the last position only. Its two values are built once and rebound on every step.
+        overridable = self._names("SessionGetOverridableInitializerCount", "SessionGetOverridableInitializerName")
+        self._logits_to_keep = ({last: np.full(1, int(last), np.int64) for last in (False, True)}
+                                if LOGITS_TO_KEEP.decode() in overridable else {})
+        self._logits_to_keep_values = {last: self._wrap(array) for last, array in self._logits_to_keep.items()}
         # The KV cache stays where the provider computes it (GPU memory for CUDA); logits come to the host.
         self._cache_memory = (api.out("CreateMemoryInfo", b"Cuda", ORT_ARENA_ALLOCATOR, 0, ORT_MEM_TYPE_DEFAULT)
                               if options.provider == "cuda" else self._memory)
@@ -124,7 +132,7 @@ class OrtSession:
 
     # -- the Session protocol -----------------------------------------------------------------------------
 
-    def prefill(self, input_ids, attention_mask=None) -> np.ndarray:
+    def prefill(self, input_ids, attention_mask=None, last_only: bool = False) -> np.ndarray:
         self._check_open()
         ids, mask = check_prompt(input_ids, attention_mask, self.facts)
         self._release_outputs()
@@ -132,14 +140,14 @@ class OrtSession:
         empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
         heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in heads]
-        return self._run(ids, mask, positions, past, owned=past, arrays=[empty])
+        return self._run(ids, mask, positions, past, owned=past, arrays=[empty], last_only=last_only)
 
     def decode(self, tokens) -> np.ndarray:
         self._check_open()
         if self._state is None:
             raise BadInputError("decode called before prefill; call prefill(prompt) first")
         ids, mask, positions = decode_step(self._state, tokens, self.facts)
-        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[])
+        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=True)
 
     def reset(self) -> None:
         self._check_open()
@@ -151,6 +159,9 @@ class OrtSession:
             return
         self._release_outputs()
         api = self._api
+        for value in self._logits_to_keep_values.values():
+            api.ReleaseValue(value)
+        self._logits_to_keep_values = {}
         if self._binding:
             api.ReleaseIoBinding(self._binding)
         if self._cache_memory and self._cache_memory is not self._memory:
@@ -178,7 +189,8 @@ class OrtSession:
 
     # -- one step -----------------------------------------------------------------------------------------
 
-    def _run(self, ids, mask, positions, past: list[int], owned: list[int], arrays: list) -> np.ndarray:
+    def _run(self, ids, mask, positions, past: list[int], owned: list[int], arrays: list, last_only: bool
+             ) -> np.ndarray:
         """One RunWithBinding. `past` are the OrtValues to bind as past_key_values; `owned` the OrtValues this
         step created beyond its own inputs, and `arrays` the numpy arrays they view: both live until the
         next step. The hot path keeps handles as ints and calls few functions: on a model this small the
@@ -188,6 +200,9 @@ class OrtSession:
         bind_input = api.BindInput
         for name, value in zip(self._bind_names, step_inputs + past):
             bind_input(binding, name, value)
+        last_only = last_only and bool(self._logits_to_keep)
+        if self._logits_to_keep:
+            bind_input(binding, LOGITS_TO_KEEP, self._logits_to_keep_values[last_only])
         # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors
         # bound as this step's past are never reused as this step's output buffers.
         bind_output = api.BindOutputToDevice
@@ -202,7 +217,7 @@ class OrtSession:
         release = api.ReleaseValue
         for value in stale:
             release(value)
-        return self._logits(ids.shape)
+        return self._logits((ids.shape[0], 1 if last_only else ids.shape[1]))
 
     def _bound_outputs(self) -> list[int]:
         array, count = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()

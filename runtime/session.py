@@ -29,11 +29,14 @@ class SessionOptions:
 
 
 class Session(Protocol):
-    """prefill/decode return logits [batch, sequence, vocab] as a view that is valid until the next call."""
+    """prefill/decode return logits [batch, sequence, vocab] as a view that is valid until the next call.
+    `prefill(..., last_only=True)` says only the last position's logits are needed (generation): an engine
+    that can skip the others (its LM head then runs on one position) returns [batch, 1, vocab]."""
 
     artifact: artifacts.Artifact
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray: ...
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                last_only: bool = False) -> np.ndarray: ...
 
     def decode(self, tokens: np.ndarray) -> np.ndarray: ...
 

@@ -178,8 +178,8 @@ class TrtSession:
 
     # -- the Session protocol -----------------------------------------------------------------------------
 
-    def prefill(self, input_ids, attention_mask=None) -> np.ndarray:
-        self._check_open()
+    def prefill(self, input_ids, attention_mask=None, last_only: bool = False) -> np.ndarray:
+        self._check_open()  # a plan from the fp16 / Q/DQ ONNX has no logits_to_keep: every position comes back
         ids, mask = check_prompt(input_ids, attention_mask, self.facts)
         self._state, positions = prefill_state(mask)
         return self._run(ids, mask, positions, past_length=0)

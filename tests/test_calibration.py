@@ -206,7 +206,17 @@ def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factor
     assert manifest["precision"] == "int8" and manifest["stage"] == "calibrate"
     accuracy_metrics = manifest["metrics"]["accuracy"]
     assert accuracy_metrics["passed"] and accuracy_metrics["perplexity_increase_percent"] <= 50
-    assert manifest["metrics"]["kept_in_float"][0] == "lm_head"
+    assert "lm_head" not in manifest["metrics"]["kept_in_float"]
+    assert manifest["metrics"]["weight_only_int8"] == ["lm_head"]
+    # The LM head: int8 weights behind a DequantizeLinear, its input straight from the float graph.
+    proto = onnx.load(str(calibrated / "model.onnx"))
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    head = next(n for n in proto.graph.node if n.name == "lm_head")
+    weight_dq = producers[head.input[1]]
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer
+                                           if i.name == weight_dq.input[0])).dtype == np.int8
+    assert head.input[0] not in producers or producers[head.input[0]].op_type != "DequantizeLinear"
     assert "calibrate" in result.stdout and "top-1" in result.stdout
 
 
@@ -262,10 +272,14 @@ def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_facto
     assert result.returncode == 0, result.stderr
     calibrated = next((tmp_path / "store").glob("calibrate-*"))
     proto = onnx.load(str(calibrated / "model.onnx"))
-    blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    blocked = [n for n in dequantize if n.name != "lm_head/weight_dq"]
     assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
+    # the LM head: int8 per output channel, not int4
+    head = next(n for n in dequantize if n.name == "lm_head/weight_dq")
+    assert [(a.name, a.i) for a in head.attribute] == [("axis", 1)]
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
-    assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked)
+    assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked) + 1
     assert "model.layers.1.self_attn.o_proj" in {n.name for n in proto.graph.node}  # names survive quantizing
     engine = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
     assert engine["metrics"]["fusion"]["attention"] == "fused"

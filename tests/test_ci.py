@@ -38,7 +38,8 @@ def test_entry_point_builds_a_precision_matrix_with_its_report(tiny_model_factor
     store = tmp_path / "store"
     result = run_entry(str(tiny_model_factory("llama")), "fp32,int8", str(store), "--threads", "1",
                        "--calib-samples", "4", "--calib-seq-len", "32", "--eval-samples", "2",
-                       "--max-ppl-increase", "50", "--max-float-fraction", "0.5", "--bench-runs", "1")
+                       "--max-ppl-increase", "50", "--max-float-fraction", "0.5", "--bench-runs", "1",
+                       "--keep-fp", "lm_head")
     assert result.returncode == 0, result.stderr
     report = json.loads((store / "report.json").read_text())
     assert report["schema_version"] == 1

@@ -14,6 +14,7 @@ from engines import ort as ort_engine
 from engines.verify import Reference, verify
 from runtime import artifact as artifacts
 from runtime.artifact import ArtifactWriter
+from runtime.baselines import plain_session, prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
@@ -48,7 +49,9 @@ def test_fused_attention_keeps_the_contract_and_the_numbers(export_factory, tmp_
     assert fusion["attention"] == "fused"
     ops = fusion["op_types_after"]
     assert ops["GroupQueryAttention"] == export.model_facts["layers"] and "Softmax" not in ops
-    assert ops["RotaryEmbedding"] == 2 * export.model_facts["layers"]
+    assert "RotaryEmbedding" not in ops  # applied inside GroupQueryAttention
+    # q, k and v packed into one MatMul per layer: 4 attention + 3 MLP linear layers become 5, plus the head
+    assert ops["MatMul"] == 5 * export.model_facts["layers"] + 1
     assert fusion["ops_after"] < fusion["ops_before"] / 2
     prompts = [[5, 9, 17, 33, 60, 7, 8, 12], [40, 41, 42]]  # the second row is left-padded
     expected, mask = left_padded_run(export, prompts)
@@ -57,6 +60,24 @@ def test_fused_attention_keeps_the_contract_and_the_numbers(export_factory, tmp_
     np.testing.assert_allclose(got[0][valid], expected[0][valid], atol=1e-4)
     for step in range(1, len(got)):
         np.testing.assert_allclose(got[step], expected[step], atol=1e-4)
+
+
+def test_prefill_for_generation_computes_the_last_position_only(export_factory, tmp_path):
+    export = export_factory("llama")
+    engine = build_engine(export, tmp_path)
+    assert engine.metrics["fusion"]["logits_to_keep"]
+    ids = np.array([[5, 9, 17, 33, 60, 7], [40, 41, 42, 43, 44, 45]], np.int64)
+    session = open_session(engine, SessionOptions(threads=1))
+    every = np.array(session.prefill(ids))
+    last = np.array(session.prefill(ids, last_only=True))
+    following = np.array(session.decode(last[:, -1].argmax(-1)))  # the cache is the same either way
+    session.close()
+    assert every.shape == (2, 6, export.model_facts["vocab_size"]) and last.shape == (2, 1, every.shape[2])
+    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
+    assert following.shape == (2, 1, every.shape[2])
+    # Whoever does not feed logits_to_keep (Polygraphy, plain onnxruntime) gets every position: the contract.
+    plain = plain_session(engine.file("model.onnx"), threads=1)
+    np.testing.assert_allclose(plain.run(["logits"], prefill_feeds(ids, export.model_facts))[0], every, atol=1e-5)
 
 
 def test_family_without_plain_attention_keeps_it_and_says_why(export_factory, tmp_path):

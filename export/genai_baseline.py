@@ -1,0 +1,73 @@
+"""onnxruntime-genai baseline for `python -m runtime.bench --genai PRECISIONS`: onnxruntime-genai's own model
+builder run on the weights an artifact was exported from (the unpruned source model), cached. It runs in its
+own process because the builder needs torch and the runtime never imports it.
+`python -m export.genai_baseline ARTIFACT --precision int8` prints the built model's folder."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from export.models import cache_dir, resolve
+from export.torch_baseline import source_model
+from runtime import artifact as artifacts
+from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
+
+# The builder's precisions: fp32; int8 and int4 are MatMulNBits weights (blocks of 32, int8 compute).
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def genai_version() -> str:
+    try:
+        import onnxruntime_genai
+    except ImportError as exc:
+        raise LmforgeError("onnxruntime-genai is not installed; `pip install onnxruntime-genai` to compare against "
+                           "it", exit_code=EXIT_BACKEND_UNAVAILABLE) from exc
+    return onnxruntime_genai.__version__
+
+
+def build(art: artifacts.Artifact, precision: str) -> Path:
+    """The genai model folder for the artifact's source model at `precision`, built once and cached."""
+    if precision not in PRECISIONS:
+        raise BadInputError(f"onnxruntime-genai precision {precision!r} unknown; choose one of {', '.join(PRECISIONS)}")
+    source = resolve(source_model(art))
+    weights = str(Path(source.location) / source.gguf_file) if source.gguf_file else source.location
+    key = hashlib.sha256(f"{source.fingerprint}|{precision}|{genai_version()}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "genai" / f"{source.spec.replace('/', '_')}-{precision}-{key}"
+    if (folder / "genai_config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", weights, "-o", str(work / "model"),
+                   "-p", precision, "-e", "cpu", "-c", str(work / "hf-cache")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise LmforgeError(f"onnxruntime-genai's builder failed on {weights}: "
+                               f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}")
+        (work / "model").rename(folder)  # complete, or not there at all
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.genai_baseline")
+    parser.add_argument("artifact")
+    parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)}")
+    args = parser.parse_args(argv)
+    try:
+        print(build(artifacts.load(args.artifact, verify=False), args.precision))
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
