@@ -24,10 +24,12 @@ from calibration import stats
 from calibration.data import DataConfig, load_samples, within_context
 from calibration.graph import linear_nodes, projection_nodes, weight_array, weight_axis
 from calibration.qdq import (
+    BITS,
+    BLOCK,
     QuantizeLinearLayersPass,
     fake_quantize_activation,
     fake_quantize_weight,
-    fake_quantize_weight_int4,
+    fake_quantize_weight_blocked,
     quantize_int4,
 )
 from calibration.rotation import RotateDownProjInputPass, RotateResidualPass
@@ -44,8 +46,8 @@ PRECISIONS = ("int8", "int8-weight-only", "int4")
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    # 'int8' (W8A8: weights per channel, activations per tensor), 'int8-weight-only' (W8A16) or 'int4'
-    # (weights only, symmetric blocks of 32 input channels).
+    # 'int8' (W8A8: weights per channel, activations per tensor), 'int8-weight-only' or 'int4' (weights only,
+    # symmetric blocks of 32 input channels, as onnxruntime-genai's int8 and int4).
     precision: str = "int8"
     # How an activation's clipping range is chosen from its histogram: minmax, percentile, entropy or mse.
     method: str = "mse"
@@ -59,9 +61,10 @@ class CalibrationConfig:
     online_rotation: bool = False
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
-    # Linear layers whose weights alone become int8 (per channel, input left in float) at every precision.
-    # The LM head: its input is too sensitive for int8 or int4, and in float its weights are a fifth of what
-    # each decode step reads (int8 weights took int8-weight-only decode from 11.6 to 9.4 ms per token).
+    # Linear layers whose weights alone become int8 (input left in float) at every precision: per channel at
+    # int8, in blocks of 32 at the weight-only precisions. The LM head: int8 or int4 activations there cost
+    # accuracy, and in float its weights are a fifth of what each decode step reads (int8 weights took
+    # int8-weight-only decode from 11.6 to 9.4 ms per token).
     weight_only_int8: tuple[str, ...] = ("lm_head",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
     max_ppl_increase: float = 3.0
@@ -190,11 +193,11 @@ def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stat
 
 
 def _weight_sensitivity(source: Path, precision: str) -> list[str]:
-    fake_quantize = fake_quantize_weight_int4 if precision == "int4" else fake_quantize_weight
     errors = {}
     for node in linear_nodes(ir.load(str(source)).graph):
         weight, axis = weight_array(node), weight_axis(node)
-        error = np.linalg.norm(fake_quantize(weight, axis) - weight) / max(np.linalg.norm(weight), 1e-12)
+        restored = fake_quantize_weight_blocked(weight, axis, BITS[precision])
+        error = np.linalg.norm(restored - weight) / max(np.linalg.norm(weight), 1e-12)
         errors[node.name] = float(error)
     return sorted(errors, key=errors.get, reverse=True)
 
@@ -202,14 +205,16 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
 def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, destination: Path,
           precision: str) -> Path:
     model = ir.load(str(model_path))
-    if precision == "int4":  # the int8 weight-only layers first: the int4 quantizer then leaves them alone
+    if precision == "int8-weight-only":
+        QuantizeLinearLayersPass(frozenset(keep), block=BLOCK)(model)
+    elif precision == "int4":  # the weight-only int8 layers first (int8 blocks): the int4 quantizer skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
-        QuantizeLinearLayersPass(others)(model)
-        ir.save(model, destination)
-        quantize_int4(destination, frozenset(keep), destination)
-        return destination
-    QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
+        QuantizeLinearLayersPass(others, block=BLOCK)(model)
+    else:
+        QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
+    if precision == "int4":
+        quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only))
     return destination
 
 

@@ -56,3 +56,15 @@ def linear_groups(graph: ir.Graph) -> dict[ir.Value, list[ir.Node]]:
     for node in linear_nodes(graph):
         groups.setdefault(node.inputs[0], []).append(node)
     return groups
+
+
+def untie_projections(graph: ir.Graph) -> None:
+    """Give a layer that reads a transposed constant (a tied LM head reads the embedding table through a
+    Transpose) a weight of its own, so it can be rewritten without touching the table."""
+    for node in projection_nodes(graph):
+        weight = node.inputs[1]
+        if weight.is_initializer():
+            continue
+        own = ir.Value(name=f"{node.name}.weight", const_value=ir.tensor(np.ascontiguousarray(projection_weight(node))))
+        graph.register_initializer(own)
+        node.replace_input_with(1, own)

@@ -46,11 +46,12 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
     weights only (W8A16); with them, the inputs too (W8A8), except for the `weight_only` layers."""
 
     def __init__(self, keep: frozenset[str], activation_scales: dict[str, float] | None = None,
-                 weight_only: frozenset[str] = frozenset()):
+                 weight_only: frozenset[str] = frozenset(), block: int | None = None):
         super().__init__()
         self.keep = keep
         self.activation_scales = activation_scales
         self.weight_only = weight_only
+        self.block = block  # weights in blocks of this many input channels (blocked DequantizeLinear, opset 21)
         self.quantized: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -70,16 +71,23 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
             graph.insert_before(node, new_nodes)
             node.replace_input_with(1, new_nodes[-1].outputs[0])
             self.quantized.append(node.name)
+        if self.block and self.quantized:
+            model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)  # blocked DequantizeLinear
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, bool(self.quantized))
 
     def _dequantized_weight(self, graph: ir.Graph, node: ir.Node) -> ir.Node:
-        axis = weight_axis(node)
-        quantized, scale = quantize_weight(projection_weight(node), axis)
+        axis, weight = weight_axis(node), projection_weight(node)
+        attributes = {"axis": axis}
+        if self.block and axis == 1 and weight.shape[0] % self.block == 0:
+            (quantized, scale), attributes = quantize_weight_blocked(weight, self.block), {"axis": 0,
+                                                                                        "block_size": self.block}
+        else:
+            quantized, scale = quantize_weight(weight, axis)
         base = node.name
         inputs = [_constant(graph, f"{base}.weight_int8", quantized), _constant(graph, f"{base}.weight_scale", scale),
                   _constant(graph, f"{base}.weight_zero_point", np.zeros(scale.shape, dtype=np.int8))]
-        return ir.node("DequantizeLinear", inputs, attributes={"axis": axis}, name=f"{base}/weight_dq",
+        return ir.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}/weight_dq",
                        outputs=[ir.Value(name=f"{base}.weight_dequantized")])
 
     def _quantize(self, graph: ir.Graph, x: ir.Value, scale: float, consumer: str) -> ir.Node:
@@ -94,39 +102,53 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
                        outputs=[ir.Value(name=f"{consumer}.input_dequantized")])
 
 
-INT4_BLOCK = 32
+BLOCK = 32  # input channels per scale of the weight-only precisions, as MatMulNBits stores them
+BITS = {"int8-weight-only": 8, "int4": 4}
 
 
-def fake_quantize_weight_int4(weight: np.ndarray, axis: int, block: int = INT4_BLOCK) -> np.ndarray:
-    """Symmetric int4 in blocks of `block` input channels, as MatMulNBits / blocked DequantizeLinear store it."""
+def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, bits: int, block: int = BLOCK) -> np.ndarray:
+    """Symmetric `bits`-bit weights in blocks of `block` input channels, as blocked DequantizeLinear stores them."""
+    qmax = 2 ** (bits - 1) - 1
     w = weight if axis == 1 else weight.T  # [in, out]
     rows = -(-w.shape[0] // block) * block
     padded = np.zeros((rows, w.shape[1]), dtype=np.float32)
     padded[: w.shape[0]] = w
     blocks = padded.reshape(-1, block, w.shape[1])
-    scale = np.abs(blocks).max(axis=1, keepdims=True) / 7
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / qmax
     scale = np.where(scale > 0, scale, 1.0)
-    restored = (np.clip(np.rint(blocks / scale), -8, 7) * scale).reshape(rows, -1)[: w.shape[0]]
+    restored = (np.clip(np.rint(blocks / scale), -qmax - 1, qmax) * scale).reshape(rows, -1)[: w.shape[0]]
     return restored if axis == 1 else restored.T
 
 
-INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names
+def quantize_weight_blocked(weight: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight [in, out], float32 scales [in / block, out]); symmetric, in [-127, 127]."""
+    blocks = weight.reshape(-1, block, weight.shape[1])
+    scale = np.abs(blocks).max(axis=1) / QMAX
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(blocks / scale[:, None, :]), -QMAX, QMAX).astype(np.int8)
+    return quantized.reshape(weight.shape), scale
 
 
-def quantize_int4(model_path, keep: frozenset[str], destination) -> None:
-    """Block-wise int4 weights as DequantizeLinear(block_size) + MatMul, through onnxruntime's quantizer:
-    TensorRT reads the blocked Q/DQ, and ONNX Runtime fuses each pair into MatMulNBits."""
+def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()) -> None:
+    """Symmetric int4 weights in blocks of 32 as blocked DequantizeLinear + MatMul, through onnxruntime's
+    quantizer (which writes 8 bits only as MatMulNBits, never as Q/DQ): ONNX Runtime fuses each pair into
+    MatMulNBits, TensorRT reads blocked int4."""
     import logging
 
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                     nodes_to_exclude=sorted(keep), quant_format=QuantFormat.QDQ)
+    # Its module configures the root logger at INFO on import: a line per node, and onnx-ir's passes speak up.
+    for name in ("onnxruntime.quantization", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=BLOCK, is_symmetric=True,
+                                     nodes_to_exclude=sorted(exclude), quant_format=QuantFormat.QDQ)
     quantizer.process()
     for node in quantizer.model.model.graph.node:  # it renames what it quantizes; our passes find layers by name
         if node.name.endswith(INT4_RENAMED):
             node.name = node.name[: -len(INT4_RENAMED)]
     quantizer.model.save_model_to_file(str(destination), use_external_data_format=False)
+
+
+INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from calibration.graph import linear_groups, linear_nodes, projection_nodes, set_constant, weight_array
+from calibration.graph import linear_groups, linear_nodes, set_constant, untie_projections, weight_array
 
 READS_RESIDUAL_NORM = "Mul"
 
@@ -42,18 +42,6 @@ def _norm_weight_input(x: ir.Value) -> tuple[ir.Node, int] | None:
     return (producer, constants[0]) if len(constants) == 1 else None
 
 
-def _untie_lm_head(graph: ir.Graph) -> None:
-    """Give an LM head that reads the embedding through a Transpose a weight of its own."""
-    for node in projection_nodes(graph):
-        weight = node.inputs[1]
-        if weight.is_initializer():
-            continue
-        table = weight.producer().inputs[0].const_value.numpy()
-        own = ir.Value(name=f"{node.name}.weight", const_value=ir.tensor(np.ascontiguousarray(table.T)))
-        graph.register_initializer(own)
-        node.replace_input_with(1, own)
-
-
 class RotateResidualPass(ir.passes.InPlacePass):
     """Folds RMSNorm weights into their readers and rotates the residual stream by a random orthogonal Q."""
 
@@ -70,7 +58,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         embedding = _embedding(graph)
-        _untie_lm_head(graph)
+        untie_projections(graph)
         table = embedding.inputs[0].const_value.numpy()
         q = random_orthogonal(table.shape[1], self.seed)
         readers, writers = self._classify(graph, table.shape[1])

@@ -158,6 +158,9 @@ def op_counts(model: ir.Model | onnx.ModelProto) -> collections.Counter:
 def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=None, progress=print) -> Artifact:
     """Build the engine into the writer's folder, verify it (`verify(provisional_artifact) -> metrics`, which
     raises to fail the build) and commit it."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # not, per session, that logits_to_keep (an input) is no constant
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
     try:

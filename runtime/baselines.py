@@ -43,6 +43,7 @@ def plain_session(model_path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only, as the runtime's own sessions
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

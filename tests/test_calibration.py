@@ -267,6 +267,23 @@ def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
         RotateResidualPass()(model)
 
 
+def test_int8_weight_only_is_blockwise_and_fuses_to_matmulnbits(tiny_model_factory, tmp_path):
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8-weight-only", "--allow-accuracy-loss")
+    assert result.returncode == 0, result.stderr
+    calibrated = next((tmp_path / "store").glob("calibrate-*"))
+    proto = onnx.load(str(calibrated / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    layers = json.loads((calibrated / "manifest.json").read_text())["io"]["model"]["linear_layers"]
+    assert len(dequantize) == len(layers)  # every layer, the tied LM head included
+    for node in dequantize:
+        weight, scale = inits[node.input[0]], inits[node.input[1]]
+        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0), ("block_size", 32)]
+        assert weight.dtype == np.int8 and scale.shape == (weight.shape[0] // 32, weight.shape[1])
+    assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(layers)
+
+
 def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_factory, tmp_path):
     result = build_tiny_llama(tiny_model_factory, tmp_path, "int4", "--allow-accuracy-loss")
     assert result.returncode == 0, result.stderr
@@ -275,9 +292,11 @@ def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_facto
     dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     blocked = [n for n in dequantize if n.name != "lm_head/weight_dq"]
     assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
-    # the LM head: int8 per output channel, not int4
+    # the LM head: int8 in blocks of 32, not int4
     head = next(n for n in dequantize if n.name == "lm_head/weight_dq")
-    assert [(a.name, a.i) for a in head.attribute] == [("axis", 1)]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert [(a.name, a.i) for a in head.attribute] == [("axis", 0), ("block_size", 32)]
+    assert inits[head.input[0]].dtype == np.int8
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
     assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked) + 1
     assert "model.layers.1.self_attn.o_proj" in {n.name for n in proto.graph.node}  # names survive quantizing

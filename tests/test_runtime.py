@@ -229,6 +229,22 @@ def test_bench_cli_measures_baseline_ratio_and_rss(llama, export_factory, tmp_pa
     assert run_cli("runtime.bench", str(tmp_path / "none")).returncode == 2
 
 
+def test_bench_measures_onnxruntime_genai_on_the_same_weights(llama, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    cache = {"LMFORGE_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "bench.json"
+    result = run_cli("runtime.bench", str(llama.path), "--prompt-len", "8", "--gen-len", "6", "--runs", "1",
+                     "--threads", "1", "--genai", "fp32,int8", "--json", str(out), env=cache)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    for name in ("onnxruntime-genai fp32", "onnxruntime-genai int8"):
+        assert len(report["steps"][name]) == 5  # exactly gen-len tokens, as ours: the first, then 5 steps
+        assert report["ratios"][name]["tpot"] > 0 and report["ratios"][name]["ttft"] > 0
+    assert len(list((tmp_path / "cache" / "genai").iterdir())) == 2  # built once per precision, cached
+    bad = run_cli("runtime.bench", str(llama.path), "--genai", "int3", env=cache)
+    assert bad.returncode == 2 and "onnxruntime-genai precision 'int3' unknown" in bad.stderr
+
+
 def test_runtime_needs_only_its_light_dependencies(llama):
     """A service process that embeds runtime/ never loads torch, transformers or the export stages."""
     code = ("import sys\nimport runtime.session, runtime.generate\n"
