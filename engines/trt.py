@@ -43,6 +43,16 @@ def stage_config(config: TrtConfig) -> dict[str, Any]:
 Shape = tuple[int, ...]
 
 
+# TensorRT takes weight-only quantization in int4 blocks only; int8-weight-only's int8 blocks are ONNX Runtime's.
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BadInputError(f"TensorRT has no {precision} (it takes weight-only blocks in int4 only); build "
+                            f"{', '.join(PRECISIONS)} for --backend trt, or {precision} with --backend ort")
+
+
 def validate(config: TrtConfig) -> None:
     if not 1 <= config.opt_seq <= config.max_seq or config.max_batch < 1:
         raise BadInputError(f"profile sizes must satisfy 1 <= --opt-seq ({config.opt_seq}) <= --max-seq "

@@ -366,6 +366,9 @@ def build(config: BuildConfig) -> list[StageResult]:
     artifacts.remove_stale_temporaries(config.out)
     backend, why = choose_backend(config.backend)
     progress(f"[build] backend {backend} ({why})")
+    if backend == "trt":
+        for precision in config.precisions:
+            trt_engine.check_precision(precision)
     if backend == "ort":  # before the export, so a wrong provider costs nothing
         ort_engine.check_provider(config.engine.provider)
     export = run_export(config)

@@ -292,10 +292,10 @@ def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_facto
     dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     blocked = [n for n in dequantize if n.name != "lm_head/weight_dq"]
     assert blocked and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in blocked)
-    # the LM head: int8 in blocks of 32, not int4
+    # the LM head: int8 per output channel, not int4
     head = next(n for n in dequantize if n.name == "lm_head/weight_dq")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    assert [(a.name, a.i) for a in head.attribute] == [("axis", 0), ("block_size", 32)]
+    assert [(a.name, a.i) for a in head.attribute] == [("axis", 1)]
     assert inits[head.input[0]].dtype == np.int8
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # weights only
     assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(blocked) + 1

@@ -169,3 +169,10 @@ def test_version_compatible_plan_runs_forward_only_by_version_number(monkeypatch
     trt_session.check_compatible(plan("10.9.0"), trt=None)  # older plan, newer runtime: fine ('10.9' > '10.16' as text)
     with pytest.raises(BadInputError, match="built with TensorRT 11.0.0, this machine has 10.16.1"):
         trt_session.check_compatible(plan("11.0.0"), trt=None)
+
+
+def test_precisions_tensorrt_lacks_are_refused_naming_the_alternatives():
+    for precision in trt_engine.PRECISIONS:
+        trt_engine.check_precision(precision)
+    with pytest.raises(BadInputError, match="TensorRT has no int8-weight-only .* or int8-weight-only with --backend ort"):
+        trt_engine.check_precision("int8-weight-only")
