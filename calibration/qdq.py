@@ -139,9 +139,10 @@ def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # Its module configures the root logger at INFO on import: a line per node, and onnx-ir's passes speak up.
-    for name in ("onnxruntime.quantization", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Its module sets the root logger to INFO on import (a line per node, and every library's INFO after it):
+    # back to Python's default.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=BLOCK, is_symmetric=True,
                                      nodes_to_exclude=sorted(exclude), quant_format=QuantFormat.QDQ)
     quantizer.process()

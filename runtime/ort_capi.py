@@ -63,6 +63,7 @@ FUNCTIONS = {
     "CreateIoBinding": (134, Status, [P, POINTER(P)]),
     "ReleaseIoBinding": (135, None, [P]),
     "BindInput": (136, Status, [P, c_char_p, P]),
+    "BindOutput": (137, Status, [P, c_char_p, P]),
     "BindOutputToDevice": (138, Status, [P, c_char_p, P]),
     "GetBoundOutputValues": (140, Status, [P, P, POINTER(POINTER(P)), POINTER(c_size_t)]),
     "SessionOptionsAppendExecutionProvider_CUDA": (152, Status, [P, P]),

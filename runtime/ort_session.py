@@ -38,6 +38,7 @@ from runtime.session import (
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
 LOGITS_TO_KEEP = b"logits_to_keep"
+CACHE_MIN_POSITIONS = 256  # the smallest shared cache allocated; it doubles when full
 PROVIDERS = ("cpu", "cuda")
 _ENV_LOCK = threading.Lock()
 # A memoryview over foreign memory without building a ctypes array type per call (that costs ~0.1 ms).
@@ -69,6 +70,8 @@ class OrtSession:
         self._api = api = load_api(options.library)
         self._session = self._binding = self._memory = self._cache_memory = None
         self._logits_to_keep_values: dict[bool, int] = {}
+        self._cache: list[np.ndarray] = []
+        self._cache_values: list[int] = []
         self._allocator = api.out("GetAllocatorWithDefaultOptions")  # owned by ONNX Runtime: never freed
         self._session = self._create_session(artifact.file(MODEL_FILE), options)
         self.input_names = self._names("SessionGetInputCount", "SessionGetInputName")
@@ -95,6 +98,7 @@ class OrtSession:
                                 "past_key_values.* inputs in order; re-export it with `python -m export.build`")
         self._output_bindings = [(self._output_names[0], self._memory)]  # logits: read on the host
         self._output_bindings += [(name, self._cache_memory) for name in self._output_names[1:]]
+        api.BindOutputToDevice(self._binding, *self._output_bindings[0])  # logits first among bound outputs
         logits = self.artifact.io["outputs"][0]
         self._vocab, self._logits_dtype = int(logits["shape"][-1]), np.dtype(logits["dtype"])
         self._data = ctypes.c_void_p()
@@ -102,6 +106,11 @@ class OrtSession:
         self._owned: list[int] = []  # other OrtValues of the last run, released after the next
         self._arrays: list[np.ndarray] = []  # numpy memory those OrtValues view
         self._state: CacheState | None = None
+        # GroupQueryAttention engines on the CPU keep the cache in buffers of their own (one per layer and
+        # kind, [batch, kv_heads, capacity, head_dim]) bound as both past and present: the kernel writes the
+        # new positions in place, instead of copying the whole cache into a fresh present tensor every step.
+        self._shares_cache = bool(options.provider == "cpu" and self._past_names
+                                  and artifact.metrics.get("fusion", {}).get("attention") == "fused")
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -137,6 +146,9 @@ class OrtSession:
         ids, mask = check_prompt(input_ids, attention_mask, self.facts)
         self._release_outputs()
         self._state, positions = prefill_state(mask)
+        if self._shares_cache:
+            self._reserve_cache(ids.shape[0], ids.shape[1], keep=0)
+            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=last_only)
         empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
         heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in heads]
@@ -146,7 +158,11 @@ class OrtSession:
         self._check_open()
         if self._state is None:
             raise BadInputError("decode called before prefill; call prefill(prompt) first")
+        length = self._state.length
         ids, mask, positions = decode_step(self._state, tokens, self.facts)
+        if self._shares_cache:
+            self._reserve_cache(ids.shape[0], length + 1, keep=length)
+            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=True)
         return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=True)
 
     def reset(self) -> None:
@@ -158,6 +174,7 @@ class OrtSession:
         if self._closed:
             return
         self._release_outputs()
+        self._release_cache()
         api = self._api
         for value in self._logits_to_keep_values.values():
             api.ReleaseValue(value)
@@ -187,6 +204,28 @@ class OrtSession:
     def cache_length(self) -> int:
         return 0 if self._state is None else self._state.length
 
+    def _reserve_cache(self, batch: int, needed: int, keep: int) -> None:
+        """Cache buffers of at least `needed` positions for `batch` rows, bound as past and present; growing
+        doubles the capacity and copies the first `keep` positions."""
+        if self._cache and self._cache[0].shape[0] == batch and self._cache[0].shape[2] >= needed:
+            return
+        limit = self.facts.get("max_context") or 2 * needed
+        capacity = min(limit, max(CACHE_MIN_POSITIONS, 2 * needed))
+        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
+        cache = [np.zeros((batch, h, capacity, self.facts["head_dim"]), self._kv_dtype) for h in heads]
+        for old, new in zip(self._cache, cache):
+            new[:, :, :keep] = old[:, :, :keep]
+        self._release_cache()
+        self._cache, self._cache_values = cache, [self._wrap(buffer) for buffer in cache]
+        for past, value in zip(self._past_names, self._cache_values):
+            self._api.BindInput(self._binding, past, value)
+            self._api.BindOutput(self._binding, past.replace(b"past_key_values.", b"present."), value)
+
+    def _release_cache(self) -> None:
+        for value in self._cache_values:
+            self._api.ReleaseValue(value)
+        self._cache, self._cache_values = [], []
+
     # -- one step -----------------------------------------------------------------------------------------
 
     def _run(self, ids, mask, positions, past: list[int], owned: list[int], arrays: list, last_only: bool
@@ -198,7 +237,7 @@ class OrtSession:
         api, binding = self._api, self._binding
         step_inputs = [self._wrap(ids), self._wrap(mask), self._wrap(positions)]
         bind_input = api.BindInput
-        for name, value in zip(self._bind_names, step_inputs + past):
+        for name, value in zip(self._bind_names, step_inputs + past):  # past: [] where the cache is shared
             bind_input(binding, name, value)
         last_only = last_only and bool(self._logits_to_keep)
         if self._logits_to_keep:
@@ -206,7 +245,7 @@ class OrtSession:
         # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors
         # bound as this step's past are never reused as this step's output buffers.
         bind_output = api.BindOutputToDevice
-        for name, memory in self._output_bindings:
+        for name, memory in self._output_bindings[:1] if self._shares_cache else self._output_bindings:
             bind_output(binding, name, memory)
         api.RunWithBinding(self._session, None, binding)
 

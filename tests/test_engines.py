@@ -14,7 +14,8 @@ from engines import ort as ort_engine
 from engines.verify import Reference, verify
 from runtime import artifact as artifacts
 from runtime.artifact import ArtifactWriter
-from runtime.baselines import plain_session, prefill_feeds
+from runtime import ort_session
+from runtime.baselines import plain_greedy, plain_session, prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
@@ -78,6 +79,24 @@ def test_prefill_for_generation_computes_the_last_position_only(export_factory, 
     # Whoever does not feed logits_to_keep (Polygraphy, plain onnxruntime) gets every position: the contract.
     plain = plain_session(engine.file("model.onnx"), threads=1)
     np.testing.assert_allclose(plain.run(["logits"], prefill_feeds(ids, export.model_facts))[0], every, atol=1e-5)
+
+
+def test_shared_cache_grows_in_place_and_matches_the_contract_loop(export_factory, tmp_path, monkeypatch):
+    """GroupQueryAttention engines keep the cache in buffers bound as past and present; started small, the
+    buffers double (copying what they hold) several times in 20 steps, and every logit matches the plain
+    loop that passes the cache through the contract's past/present tensors."""
+    monkeypatch.setattr(ort_session, "CACHE_MIN_POSITIONS", 1)
+    engine = build_engine(export_factory("llama"), tmp_path)
+    prompt = np.array([[5, 9, 17, 33, 60, 7]], np.int64)
+    expected = plain_greedy(plain_session(engine.file("model.onnx"), threads=1), engine.model_facts, prompt, 21)
+    session = open_session(engine, SessionOptions(threads=1))
+    assert session._shares_cache
+    logits = [np.array(session.prefill(prompt))[0, -1]]
+    for _ in range(20):
+        logits.append(np.array(session.decode(np.array([logits[-1].argmax()])))[0, -1])
+    assert session.cache_length == 26 and session._cache[0].shape[2] >= 26 > 2 * prompt.shape[1]  # it grew
+    session.close()
+    np.testing.assert_allclose(np.array(logits), np.array(expected.last_logits), atol=1e-4)
 
 
 def test_family_without_plain_attention_keeps_it_and_says_why(export_factory, tmp_path):
