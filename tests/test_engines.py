@@ -13,8 +13,8 @@ from test_calibration import build_tiny_llama
 from engines import ort as ort_engine
 from engines.verify import Reference, verify
 from runtime import artifact as artifacts
-from runtime.artifact import ArtifactWriter
 from runtime import ort_session
+from runtime.artifact import ArtifactWriter
 from runtime.baselines import plain_greedy, plain_session, prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
