@@ -174,5 +174,5 @@ def test_version_compatible_plan_runs_forward_only_by_version_number(monkeypatch
 def test_precisions_tensorrt_lacks_are_refused_naming_the_alternatives():
     for precision in trt_engine.PRECISIONS:
         trt_engine.check_precision(precision)
-    with pytest.raises(BadInputError, match="TensorRT has no int8-weight-only .* or int8-weight-only with --backend ort"):
+    with pytest.raises(BadInputError, match="no int8-weight-only .* or int8-weight-only with --backend ort"):
         trt_engine.check_precision("int8-weight-only")
