@@ -1,7 +1,9 @@
 """onnxruntime-genai baseline for `python -m runtime.bench --genai PRECISIONS`: onnxruntime-genai's own model
 builder run on the weights an artifact was exported from (the unpruned source model), cached. It runs in its
 own process because the builder needs torch and the runtime never imports it.
-`python -m export.genai_baseline ARTIFACT --precision int8` prints the built model's folder."""
+`python -m export.genai_baseline ARTIFACT --precision int8` prints the built model's folder; with `--evaluate`,
+also its perplexity and top-1 agreement against the fp32 export on the build's held-out windows (the ones every
+engine is verified on), so latency is compared at known accuracy."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from export.models import cache_dir, resolve
-from export.torch_baseline import source_model
+from export.torch_baseline import export_ancestor, source_model
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 
@@ -56,13 +58,54 @@ def build(art: artifacts.Artifact, precision: str) -> Path:
     return folder
 
 
+def evaluate(model_dir: Path, art: artifacts.Artifact, threads: int) -> dict:
+    """Perplexity change and top-1 agreement of the genai model against the fp32 export, on the held-out
+    windows of the default calibration data (prefill from an empty cache through its own ONNX graph)."""
+    import json
+
+    import numpy as np
+
+    from calibration.data import DataConfig
+    from export.build import verification_windows
+    from runtime import accuracy
+    from runtime.baselines import plain_session
+
+    export = export_ancestor(art)
+    windows = verification_windows(export, DataConfig())
+    reference = accuracy.evaluate_model(export.file("model.onnx"), export.model_facts, windows, threads)
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = plain_session(model_dir / decoder["filename"], threads)
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    cache = {decoder["inputs"][f"past_{kind}_names"] % i: empty
+             for i in range(decoder["num_hidden_layers"]) for kind in ("key", "value")}
+
+    def logits_of(window: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": window[None], "attention_mask": np.ones((1, len(window)), np.int64)} | cache
+        return session.run(["logits"], feeds)[0][0]
+
+    evaluation = accuracy.evaluate(logits_of, windows)
+    return {"perplexity_fp32": reference.perplexity, "perplexity": evaluation.perplexity,
+            "perplexity_increase_percent": evaluation.increase_over(reference),
+            "top1_agreement": evaluation.agreement(reference), "windows": len(windows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.genai_baseline")
     parser.add_argument("artifact")
     parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)}")
+    parser.add_argument("--evaluate", action="store_true", help="also print its accuracy against the fp32 export")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     try:
-        print(build(artifacts.load(args.artifact, verify=False), args.precision))
+        art = artifacts.load(args.artifact, verify=False)
+        folder = build(art, args.precision)
+        if args.evaluate:
+            figures = evaluate(folder, art, args.threads)
+            print(f"onnxruntime-genai {args.precision}: perplexity {figures['perplexity']:.3f} "
+                  f"({figures['perplexity_increase_percent']:+.2f}% over fp32 {figures['perplexity_fp32']:.3f}), "
+                  f"top-1 agreement {figures['top1_agreement']:.3f} on {figures['windows']} held-out windows",
+                  file=sys.stderr)
+        print(folder)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

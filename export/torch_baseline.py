@@ -31,8 +31,8 @@ class TokenClock:
         pass
 
 
-def source_model(art: artifacts.Artifact) -> str:
-    """The model the artifact's export came from, following parents through the artifact's store."""
+def export_ancestor(art: artifacts.Artifact) -> artifacts.Artifact:
+    """The export the artifact descends from, following parents through the artifact's store."""
     current = art
     while not current.manifest.get("config", {}).get("model"):
         parents = list(current.path.parent.glob(f"*-{current.manifest.get('parent')}"))
@@ -40,7 +40,12 @@ def source_model(art: artifacts.Artifact) -> str:
             raise BadInputError(f"artifact {art.path} does not record the model it came from, and its export is "
                                 "not beside it; pass an export artifact")
         current = artifacts.load(parents[0], verify=False)
-    return current.manifest["config"]["model"]
+    return current
+
+
+def source_model(art: artifacts.Artifact) -> str:
+    """The model the artifact's export came from."""
+    return export_ancestor(art).manifest["config"]["model"]
 
 
 def measure(model, prompt: list[int], gen_len: int) -> dict:
