@@ -213,7 +213,7 @@ class OrtSession:
         capacity = min(limit, max(CACHE_MIN_POSITIONS, 2 * needed))
         heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
         cache = [np.zeros((batch, h, capacity, self.facts["head_dim"]), self._kv_dtype) for h in heads]
-        for old, new in zip(self._cache, cache):
+        for old, new in zip(self._cache, cache) if keep else ():  # a prefill keeps nothing (and may change batch)
             new[:, :, :keep] = old[:, :, :keep]
         self._release_cache()
         self._cache, self._cache_values = cache, [self._wrap(buffer) for buffer in cache]

@@ -143,11 +143,12 @@ class Service:
                     self._finish(job, reason)
         except _Cancelled:
             pass
-        except LmforgeError as exc:
+        except Exception as exc:  # fails this batch, never the worker: its clients would wait forever
+            message = str(exc) if isinstance(exc, LmforgeError) else f"internal error: {type(exc).__name__}: {exc}"
             for job in jobs:
                 if not job.finished:
                     job.finished = True
-                    job.post("error", str(exc))
+                    job.post("error", message)
         for job in jobs:
             if job.cancelled and not job.finished:
                 job.finished = True

@@ -95,7 +95,10 @@ def test_shared_cache_grows_in_place_and_matches_the_contract_loop(export_factor
     for _ in range(20):
         logits.append(np.array(session.decode(np.array([logits[-1].argmax()])))[0, -1])
     assert session.cache_length == 26 and session._cache[0].shape[2] >= 26 > 2 * prompt.shape[1]  # it grew
+    session.prefill(np.array([[5, 9], [7, 8]]))  # another batch size: new buffers, nothing carried over
+    again = np.array(session.prefill(prompt))[0, -1]
     session.close()
+    np.testing.assert_allclose(again, logits[0], atol=1e-5)
     np.testing.assert_allclose(np.array(logits), np.array(expected.last_logits), atol=1e-4)
 
 
