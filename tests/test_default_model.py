@@ -92,6 +92,21 @@ def test_generate_cli_streams_an_answer(default_export):
     assert "TTFT" in result.stderr.strip().splitlines()[-1]
 
 
+def test_onnxruntime_genai_fp32_is_evaluated_equal_to_our_fp32_export(default_export):
+    """The peer baseline's accuracy figures are comparable to ours: its fp32 model, on the windows every engine
+    is verified on, scores what our fp32 export scores."""
+    from conftest import run_cli
+
+    pytest.importorskip("onnxruntime_genai")
+    result = run_cli("export.genai_baseline", str(default_export.path), "--precision", "fp32", "--evaluate",
+                     timeout=900)
+    assert result.returncode == 0, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    increase = float(line.split("(")[1].split("%")[0])
+    agreement = float(line.split("top-1 agreement ")[1].split()[0])
+    assert abs(increase) < 0.05 and agreement > 0.99, line
+
+
 def test_int8_build_end_to_end_meets_the_gates_in_its_report(default_export):
     """`python -m export.build --precision int8` on CPU: export (reused) -> calibration -> fused ONNX Runtime
     engine -> verification -> latency, judged from the report it writes."""
