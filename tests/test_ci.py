@@ -68,3 +68,15 @@ def test_report_path_that_is_a_file_exits_2(tiny_model_factory, tmp_path):
     result = run_entry(str(tiny_model_factory("llama")), "fp32", str(tmp_path / "store"),
                        "--report", str(tmp_path / "taken"))
     assert result.returncode == 2 and "--report" in result.stderr.strip().splitlines()[-1]
+
+
+def test_figure_scripts_are_executable_bash_naming_real_modules():
+    import importlib.util
+
+    scripts = sorted((REPO / "ci").glob("figures-*.sh"))
+    assert {s.name for s in scripts} >= {"figures-engines.sh", "figures-pruning.sh"}
+    for script in scripts:
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+        for module in re.findall(r"python -m ([\w.]+)", script.read_text()):
+            assert importlib.util.find_spec(module) is not None, f"{script.name} runs a missing module {module}"
