@@ -80,8 +80,8 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
         axis, weight = weight_axis(node), projection_weight(node)
         attributes = {"axis": axis}
         if self.block and axis == 1 and weight.shape[0] % self.block == 0:
-            (quantized, scale), attributes = quantize_weight_blocked(weight, self.block), {"axis": 0,
-                                                                                        "block_size": self.block}
+            (quantized, scale), attributes = quantize_weight_blocked(weight, block=self.block), {
+                "axis": 0, "block_size": self.block}
         else:
             quantized, scale = quantize_weight(weight, axis)
         base = node.name
@@ -106,27 +106,29 @@ BLOCK = 32  # input channels per scale of the weight-only precisions, as MatMulN
 BITS = {"int8-weight-only": 8, "int4": 4}
 
 
-def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, bits: int, block: int = BLOCK) -> np.ndarray:
-    """Symmetric `bits`-bit weights in blocks of `block` input channels, as blocked DequantizeLinear stores them."""
+def quantize_weight_blocked(weight: np.ndarray, bits: int = 8, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values [in, out], float32 scales [in / block, out]): symmetric `bits`-bit weights in blocks of
+    `block` input channels, as blocked DequantizeLinear stores them. `in` must be a multiple of `block`."""
     qmax = 2 ** (bits - 1) - 1
+    blocks = weight.reshape(-1, block, weight.shape[1])
+    scale = np.abs(blocks).max(axis=1) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(blocks / scale[:, None, :]), -qmax, qmax).astype(np.int8)
+    return quantized.reshape(weight.shape), scale
+
+
+def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, bits: int, block: int = BLOCK) -> np.ndarray:
+    """The weight after a round trip through `quantize_weight_blocked` (rows padded to whole blocks)."""
     w = weight if axis == 1 else weight.T  # [in, out]
     rows = -(-w.shape[0] // block) * block
     padded = np.zeros((rows, w.shape[1]), dtype=np.float32)
     padded[: w.shape[0]] = w
-    blocks = padded.reshape(-1, block, w.shape[1])
-    scale = np.abs(blocks).max(axis=1, keepdims=True) / qmax
-    scale = np.where(scale > 0, scale, 1.0)
-    restored = (np.clip(np.rint(blocks / scale), -qmax - 1, qmax) * scale).reshape(rows, -1)[: w.shape[0]]
+    quantized, scale = quantize_weight_blocked(padded, bits, block)
+    restored = (quantized.reshape(-1, block, w.shape[1]) * scale[:, None, :]).reshape(rows, -1)[: w.shape[0]]
     return restored if axis == 1 else restored.T
 
 
-def quantize_weight_blocked(weight: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weight [in, out], float32 scales [in / block, out]); symmetric, in [-127, 127]."""
-    blocks = weight.reshape(-1, block, weight.shape[1])
-    scale = np.abs(blocks).max(axis=1) / QMAX
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(blocks / scale[:, None, :]), -QMAX, QMAX).astype(np.int8)
-    return quantized.reshape(weight.shape), scale
+INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names
 
 
 def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()) -> None:
@@ -150,6 +152,3 @@ def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()
         if node.name.endswith(INT4_RENAMED):
             node.name = node.name[: -len(INT4_RENAMED)]
     quantizer.model.save_model_to_file(str(destination), use_external_data_format=False)
-
-
-INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names

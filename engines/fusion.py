@@ -208,7 +208,7 @@ def _pack_projections(graph: ir.Graph, layer: _Layer) -> ir.Value | None:
         return None
     name = layer.prefix + "qkv_proj"
     arrays = [np.concatenate(parts, axis=-1) for parts in zip(*(w.arrays for w in weights))]
-    constants = [_register(graph, f"{name}.weight.{i}", array) for i, array in enumerate(arrays)]
+    constants = [add_initializer(graph, f"{name}.weight.{i}", array) for i, array in enumerate(arrays)]
     weight = constants[0]
     if weights[0].dequantize is not None:
         dequantize = ir.node("DequantizeLinear", constants, attributes=dict(weights[0].dequantize),
@@ -219,13 +219,14 @@ def _pack_projections(graph: ir.Graph, layer: _Layer) -> ir.Value | None:
     graph.insert_before(nodes[0], matmul)
     if biases[0] is None:
         return matmul.outputs[0]
-    add = ir.node("Add", [matmul.outputs[0], _register(graph, f"{name}.bias", np.concatenate(biases))],
+    add = ir.node("Add", [matmul.outputs[0], add_initializer(graph, f"{name}.bias", np.concatenate(biases))],
                   name=f"{name}/bias")
     graph.insert_before(nodes[0], add)
     return add.outputs[0]
 
 
-def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A constant of the graph, with its declared shape and type."""
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
     graph.register_initializer(value)
@@ -256,15 +257,15 @@ class _SharedInputs:
     def __init__(self, graph: ir.Graph, facts: AttentionFacts, dtype: np.dtype):
         self.graph, self.dtype = graph, np.dtype(dtype)  # the attention's own type: float32, or float16
         cos, sin = facts.rotary_tables()
-        self.cos = self._initializer("rotary.cos_cache", cos.astype(self.dtype))
-        self.sin = self._initializer("rotary.sin_cache", sin.astype(self.dtype))
+        self.cos = add_initializer(self.graph, "rotary.cos_cache", cos.astype(self.dtype))
+        self.sin = add_initializer(self.graph, "rotary.sin_cache", sin.astype(self.dtype))
         mask, ids = self.input("attention_mask"), self.input("input_ids")
         total = self.add(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}))  # int64 [1]
         batch = self.add(ir.node("Shape", [ids], attributes={"start": 0, "end": 1}))
         sequence = self.add(ir.node("Shape", [ids], attributes={"start": 1, "end": 2}))
         total32 = self.add(ir.node("Cast", [total], attributes={"to": ir.DataType.INT32}))
         self.total_length = self.add(ir.node("Squeeze", [total32]))
-        last = self.add(ir.node("Sub", [total32, self._initializer("attention.one", np.ones(1, np.int32))]))
+        last = self.add(ir.node("Sub", [total32, add_initializer(self.graph, "attention.one", np.ones(1, np.int32))]))
         self.seqlens = self.add(ir.node("Expand", [last, batch]))
         self.bias = self._padding_bias(mask, batch, sequence, total)
 
@@ -280,19 +281,16 @@ class _SharedInputs:
         self.graph.append(node)
         return node.outputs[0] if len(node.outputs) == 1 else node
 
-    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        return _register(self.graph, name, array)
-
     def _padding_bias(self, mask: ir.Value, batch: ir.Value, sequence: ir.Value, total: ir.Value) -> ir.Value:
         """[batch, 1, sequence, total]: 0 where the key is a real token, the float minimum where it is padding
         (finite, so a fully padded query row gives uniform weights instead of NaN)."""
         keep = self.add(ir.node("Cast", [mask], attributes={"to": ir.DataType.from_numpy(self.dtype)}))
-        lowest = self._initializer("attention.lowest", np.array(np.finfo(self.dtype).min, self.dtype))
-        one = self._initializer("attention.one_float", np.array(1.0, self.dtype))
+        lowest = add_initializer(self.graph, "attention.lowest", np.array(np.finfo(self.dtype).min, self.dtype))
+        one = add_initializer(self.graph, "attention.one_float", np.array(1.0, self.dtype))
         padding = self.add(ir.node("Sub", [one, keep]))
         bias = self.add(ir.node("Mul", [padding, lowest]))
-        axes = self._initializer("attention.axes_1_2", np.array([1, 2], np.int64))
+        axes = add_initializer(self.graph, "attention.axes_1_2", np.array([1, 2], np.int64))
         bias = self.add(ir.node("Unsqueeze", [bias, axes]))
-        one64 = self._initializer("attention.one_int64", np.ones(1, np.int64))
+        one64 = add_initializer(self.graph, "attention.one_int64", np.ones(1, np.int64))
         shape = self.add(ir.node("Concat", [batch, one64, sequence, total], attributes={"axis": 0}))
         return self.add(ir.node("Expand", [bias, shape]))

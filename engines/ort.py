@@ -22,15 +22,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from engines.fusion import AttentionFacts, FuseAttentionPass
+from engines.fusion import AttentionFacts, FuseAttentionPass, add_initializer
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.progress import Ticker
+from runtime.session import LOGITS_TO_KEEP
 
 STAGE = "engine"
 MODEL_FILE = "model.onnx"
 HEAD_NAMES = ("lm_head", "embed_out")  # the LM head as the export's naming pass calls it (NeoX: embed_out)
-LOGITS_TO_KEEP = "logits_to_keep"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -88,15 +88,11 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     head = next((node for node in model.graph if node.name in HEAD_NAMES), None)
     if head is None:
         return False
-    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
-                    const_value=ir.tensor(np.zeros(1, np.int64), name=LOGITS_TO_KEEP))
+    keep = add_initializer(model.graph, LOGITS_TO_KEEP, np.zeros(1, np.int64))
     model.graph.inputs.append(keep)
-    model.graph.register_initializer(keep)
     start = ir.node("Neg", [keep], name="logits_to_keep/start")
-    end = ir.Value(name="logits_to_keep.end", const_value=ir.tensor(np.array([np.iinfo(np.int64).max])))
-    axis = ir.Value(name="logits_to_keep.axis", const_value=ir.tensor(np.array([1], np.int64)))
-    for value in (end, axis):
-        model.graph.register_initializer(value)
+    end = add_initializer(model.graph, "logits_to_keep.end", np.array([np.iinfo(np.int64).max]))
+    axis = add_initializer(model.graph, "logits_to_keep.axis", np.array([1], np.int64))
     kept = ir.node("Slice", [head.inputs[0], start.outputs[0], end, axis], name="logits_to_keep/slice")
     model.graph.insert_before(head, [start, kept])
     head.replace_input_with(0, kept.outputs[0])

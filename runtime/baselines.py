@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.session import layer_kv_heads
+from runtime.session import cache_kv_heads
 
 
 @dataclass
@@ -32,7 +32,7 @@ def prefill_feeds(ids: np.ndarray, facts: dict) -> dict[str, np.ndarray]:
     """Feeds for a prefill of `ids` [batch, sequence] from an empty cache (past length 0)."""
     ids = np.asarray(ids, dtype=np.int64)
     batch, length = ids.shape
-    heads = [h for h in layer_kv_heads(facts) for _ in ("key", "value")]
+    heads = cache_kv_heads(facts)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
     return feeds | {name: np.zeros((batch, h, 0, facts["head_dim"]), np.float32)

@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime import artifact as artifacts
 from runtime.baselines import genai_loop, plain_greedy, plain_session
-from runtime.errors import EXIT_BACKEND_UNAVAILABLE, LmforgeError
+from runtime.errors import LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.progress import track
 from runtime.report import percentile
@@ -123,10 +123,7 @@ def pytorch_eager(art: artifacts.Artifact, prompt: list[int], gen_len: int, runs
 def onnxruntime_genai(art: artifacts.Artifact, precision: str, prompt: list[int], gen_len: int, threads: int
                       ) -> Callable[[], Run]:
     """onnxruntime-genai's loop on its builder's model of the artifact's source weights (built in a subprocess:
-    the builder needs torch)."""
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise LmforgeError("onnxruntime-genai is not installed; `pip install onnxruntime-genai` for --genai",
-                           exit_code=EXIT_BACKEND_UNAVAILABLE)
+    the builder needs torch; it also says, exit code 4, when onnxruntime-genai is not installed)."""
     result = subprocess.run([sys.executable, "-m", "export.genai_baseline", str(art.path), "--precision", precision],
                             capture_output=True, text=True)
     if result.returncode != 0:

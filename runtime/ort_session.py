@@ -26,18 +26,19 @@ from runtime.ort_capi import (
     load_api,
 )
 from runtime.session import (
+    LOGITS_TO_KEEP,
     CacheState,
     SessionClosedError,
     SessionOptions,
+    cache_kv_heads,
     check_prompt,
     decode_step,
-    layer_kv_heads,
     prefill_state,
 )
 
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
-LOGITS_TO_KEEP = b"logits_to_keep"
+_LOGITS_TO_KEEP = LOGITS_TO_KEEP.encode()
 CACHE_MIN_POSITIONS = 256  # the smallest shared cache allocated; it doubles when full
 PROVIDERS = ("cpu", "cuda")
 _ENV_LOCK = threading.Lock()
@@ -83,7 +84,7 @@ class OrtSession:
         # runs on the last position only. Its two values are built once and rebound on every step.
         overridable = self._names("SessionGetOverridableInitializerCount", "SessionGetOverridableInitializerName")
         self._logits_to_keep = ({last: np.full(1, int(last), np.int64) for last in (False, True)}
-                                if LOGITS_TO_KEEP.decode() in overridable else {})
+                                if LOGITS_TO_KEEP in overridable else {})
         self._logits_to_keep_values = {last: self._wrap(array) for last, array in self._logits_to_keep.items()}
         # The KV cache stays where the provider computes it (GPU memory for CUDA); logits come to the host.
         self._cache_memory = (api.out("CreateMemoryInfo", b"Cuda", ORT_ARENA_ALLOCATOR, 0, ORT_MEM_TYPE_DEFAULT)
@@ -109,6 +110,7 @@ class OrtSession:
         # GroupQueryAttention engines on the CPU keep the cache in buffers of their own (one per layer and
         # kind, [batch, kv_heads, capacity, head_dim]) bound as both past and present: the kernel writes the
         # new positions in place, instead of copying the whole cache into a fresh present tensor every step.
+        self._cache_heads = cache_kv_heads(self.facts)
         self._shares_cache = bool(options.provider == "cpu" and self._past_names
                                   and artifact.metrics.get("fusion", {}).get("attention") == "fused")
         self._closed = False
@@ -150,8 +152,7 @@ class OrtSession:
             self._reserve_cache(ids.shape[0], ids.shape[1], keep=0)
             return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=last_only)
         empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
-        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
-        past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in heads]
+        past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in self._cache_heads]
         return self._run(ids, mask, positions, past, owned=past, arrays=[empty], last_only=last_only)
 
     def decode(self, tokens) -> np.ndarray:
@@ -211,8 +212,7 @@ class OrtSession:
             return
         limit = self.facts.get("max_context") or 2 * needed
         capacity = min(limit, max(CACHE_MIN_POSITIONS, 2 * needed))
-        heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
-        cache = [np.zeros((batch, h, capacity, self.facts["head_dim"]), self._kv_dtype) for h in heads]
+        cache = [np.zeros((batch, h, capacity, self.facts["head_dim"]), self._kv_dtype) for h in self._cache_heads]
         for old, new in zip(self._cache, cache) if keep else ():  # a prefill keeps nothing (and may change batch)
             new[:, :, :keep] = old[:, :, :keep]
         self._release_cache()
@@ -241,7 +241,7 @@ class OrtSession:
             bind_input(binding, name, value)
         last_only = last_only and bool(self._logits_to_keep)
         if self._logits_to_keep:
-            bind_input(binding, LOGITS_TO_KEEP, self._logits_to_keep_values[last_only])
+            bind_input(binding, _LOGITS_TO_KEEP, self._logits_to_keep_values[last_only])
         # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors
         # bound as this step's past are never reused as this step's output buffers.
         bind_output = api.BindOutputToDevice

@@ -28,6 +28,10 @@ class SessionOptions:
     library: str | None = None
 
 
+# The engines' optional input (a default of 0: every position) that asks for the last n positions' logits.
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
 class Session(Protocol):
     """prefill/decode return logits [batch, sequence, vocab] as a view that is valid until the next call.
     `prefill(..., last_only=True)` says only the last position's logits are needed (generation): an engine
@@ -93,6 +97,11 @@ def check_token_ids(ids: np.ndarray, facts: dict) -> None:
 def layer_kv_heads(facts: dict) -> list[int]:
     """KV heads of each layer: equal unless structured pruning removed KV groups from some layers."""
     return facts.get("layer_kv_heads") or [facts["kv_heads"]] * facts["layers"]
+
+
+def cache_kv_heads(facts: dict) -> list[int]:
+    """KV heads of each cache tensor, in the contract's order: layer 0 key, layer 0 value, layer 1 key, ..."""
+    return [heads for heads in layer_kv_heads(facts) for _ in ("key", "value")]
 
 
 def check_context(total: int, facts: dict) -> None:

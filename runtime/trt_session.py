@@ -15,9 +15,9 @@ from runtime.session import (
     CacheState,
     SessionClosedError,
     SessionOptions,
+    cache_kv_heads,
     check_prompt,
     decode_step,
-    layer_kv_heads,
     prefill_state,
 )
 
@@ -107,7 +107,7 @@ class TrtSession:
         self._names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in self._names}
         self._past = [n for n in self._names if n.startswith("past_key_values.")]
-        self._past_heads = [h for h in layer_kv_heads(self.facts) for _ in ("key", "value")]
+        self._past_heads = cache_kv_heads(self.facts)
         self._max = {n: tuple(self.engine.get_tensor_profile_shape(n, PREFILL_PROFILE)[2]) for n in self._names
                      if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         self._kv = [self._allocate_kv(), self._allocate_kv()]  # ping-pong: [past set, present set]
