@@ -113,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     pruning.add_argument("--prune-plan", default=None, help="apply a plan.json saved by an earlier prune stage")
     pruning.add_argument("--prune-multiple", type=int, default=prune.PruneConfig.multiple,
                          help="kept MLP widths are multiples of this")
-    pruning.add_argument("--prune-samples", type=int, default=16, help="calibration windows for importance")
+    pruning.add_argument("--prune-samples", type=int, default=prune.PruneConfig().data.samples,
+                         help=f"calibration windows: the first {prune.SEARCH_WINDOWS} judge the budget search and "
+                              "the repair, the others give the activation energies")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
     pruning.add_argument("--distill-steps", type=int, default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
@@ -165,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     if args.distill_steps < 0 or (args.distill_steps and not chosen):
         raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
                             "--prune-budget or --prune-plan")
+    if args.prune_samples <= prune.SEARCH_WINDOWS:
+        raise BadInputError(f"--prune-samples {args.prune_samples}: give more than {prune.SEARCH_WINDOWS} windows "
+                            f"(the first {prune.SEARCH_WINDOWS} judge the plan, the rest measure importance)")
     if args.prune_multiple < 1:
         raise BadInputError(f"--prune-multiple {args.prune_multiple}: give a positive channel count, e.g. 64")
     pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=args.prune_budget,

@@ -14,6 +14,7 @@ from export.models import load_model, resolve
 from export.passes.pruning import PrunePlan, PruningError, find_blocks
 from export.prune import apply_plan, pruned_facts
 from runtime.baselines import plain_session, prefill_feeds
+from runtime.errors import BadInputError
 
 PLAN = PrunePlan(mlp_channels={0: list(range(0, 128, 2))}, kv_groups={1: [1]}, dropped_layers=[])
 
@@ -88,12 +89,55 @@ def test_repair_reduces_the_output_error(export_factory, tmp_path):
     assert errors[1] < 0.8 * errors[0]
 
 
+def test_masked_graph_scores_a_removal_as_the_pruned_graph_does(export_factory, tmp_path):
+    from export.prune import Unit
+    from export.sensitivity import MaskedModel
+    from runtime.accuracy import evaluate_model
+
+    export = export_factory("llama")
+    windows = np.random.default_rng(2).integers(3, 128, size=(2, 16))
+    source, facts = export.file("model.onnx"), export.model_facts
+    chosen = [Unit("mlp", 0, tuple(range(0, 128, 2)), 0.0, 0), Unit("heads", 1, (0,), 0.0, 0),
+              Unit("layers", 1, (1,), 0.0, 0)]
+    masked = MaskedModel(source, facts, tmp_path / "masked.onnx", 1)
+    assert masked.evaluate([], windows).perplexity == pytest.approx(
+        evaluate_model(source, facts, windows, 1).perplexity, rel=1e-5)
+    for units, plan in ((chosen[:2], PrunePlan(mlp_channels={0: list(range(1, 128, 2))}, kv_groups={1: [1]})),
+                        (chosen, PrunePlan(mlp_channels={0: list(range(1, 128, 2))}, dropped_layers=[1]))):
+        model, pruned, _ = pruned_graph(export, plan, tmp_path, windows[:1])
+        ir.save(model, tmp_path / "pruned.onnx")
+        expected = evaluate_model(tmp_path / "pruned.onnx", pruned, windows, 1)
+        assert masked.evaluate(units, windows).perplexity == pytest.approx(expected.perplexity, rel=1e-4)
+
+
+def test_budget_search_skips_units_that_break_the_budget():
+    from export.prune import MAX_EVALUATIONS, Unit, grow_within_budget, largest_fitting_prefix
+
+    # Additive costs: 60 cheap units (0.05 each); early in the queue one that breaks the budget alone (5.0)
+    # and one that fits but would spend most of it (2.0).
+    queue = [Unit("mlp", 0, (i,), 0.0, 1) for i in range(62)]
+    costs = {unit.members: 0.05 for unit in queue} | {(5,): 5.0, (12,): 2.0}
+    calls = []
+
+    def increase(units):
+        calls.append(len(units))
+        return sum(costs[u.members] for u in units)
+
+    accepted = grow_within_budget(queue, increase, 3.0)
+    assert not {(5,), (12,)} & {u.members for u in accepted} and len(accepted) >= 50
+    assert increase(accepted) <= 3.0 and len(calls) <= MAX_EVALUATIONS
+    held_out = largest_fitting_prefix(accepted, lambda units: 0.25 * len(units), 3.0)  # dearer on other text
+    assert len(held_out) == 12
+    with pytest.raises(BadInputError, match="no pruning fits a 0.05% perplexity budget"):
+        grow_within_budget(queue, increase, 0.05)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prune", "mlp=1.2"], "--prune mlp=1.2: a ratio must be in [0, 1)"),
     (["--prune", "depth=2"], "write kind=value with kind one of mlp, heads, layers"),
     (["--prune", "layers=2"], "--prune layers=2: the model has 2 layers; keep at least one"),
     (["--prune", "mlp=0.1", "--prune-budget", "5"], "--prune and --prune-budget both choose what to prune"),
-    (["--prune-budget", "0.0001"], "no pruning fits a 0.0001% perplexity budget"),
+    (["--prune", "mlp=0.5", "--prune-samples", "8"], "--prune-samples 8: give more than 8 windows"),
 ])
 def test_bad_pruning_requests_exit_2(tiny_model_factory, shared_store, flags, message):
     result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(shared_store),
