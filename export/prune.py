@@ -116,8 +116,7 @@ class LayerEnergy:
     mlp_mean: np.ndarray | None = None
     attn_gram: np.ndarray | None = None    # E[x x^T] of o_proj's input
     attn_mean: np.ndarray | None = None
-    # E[h_d^2] per dimension of the residual stream leaving the layer, then its robust total (see `measure`)
-    residual: np.ndarray | float = 0.0
+    residual: float = 0.0                  # typical E[||h||^2] of the residual stream leaving the layer
     writes: float = 0.0                    # E[||attn out||^2] + E[||mlp out||^2]
 
 
@@ -136,6 +135,7 @@ def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, fac
         except PruningError:
             pass
     energies = {index: LayerEnergy() for index in blocks}
+    residual_sums: dict[int, np.ndarray] = {}  # per dimension
     rows = 0
     for outputs in stats.stream(model_path, list(tensors), samples, facts, threads):
         for name, value in outputs.items():
@@ -148,11 +148,11 @@ def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, fac
                 setattr(energy, f"{role}_gram", gram if old_gram is None else old_gram + gram)
                 setattr(energy, f"{role}_mean", mean if old_mean is None else old_mean + mean)
             elif role == "residual":
-                energy.residual = energy.residual + (x * x).sum(axis=0)
+                residual_sums[index] = residual_sums.get(index, 0) + (x * x).sum(axis=0)
             else:
                 energy.writes += float((x * x).sum())
         rows += samples.shape[1]
-    for energy in energies.values():
+    for index, energy in energies.items():
         for role in ("mlp", "attn"):
             if getattr(energy, f"{role}_gram") is not None:
                 setattr(energy, f"{role}_gram", getattr(energy, f"{role}_gram") / rows)
@@ -160,8 +160,8 @@ def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, fac
         # A few massive-activation dimensions hold up to 98% of the residual energy (SmolLM2 from layer 11
         # on), which made every later unit look 100x cheaper than its measured cost; the median dimension,
         # times the width, is the scale of what the rest of the stream carries.
-        residual = np.asarray(energy.residual) / rows
-        energy.residual = float(np.median(residual) * residual.size) if residual.size > 1 else float(residual)
+        if index in residual_sums:
+            energy.residual = float(np.median(residual_sums[index]) * residual_sums[index].size) / rows
         energy.writes = energy.writes / rows
     return energies
 
