@@ -2,7 +2,7 @@
 # The pruning figures on the default model, rerunnable: plans for perplexity budgets of 2, 5 and 10%,
 # 25% of MLP channels with and without repair, 200 distillation steps after that, a pruned + int8 build,
 # then one table of every variant against the unpruned engine, all TPOTs measured in the same run.
-# Usage: ci/figures-pruning.sh [STORE]   (about 20 minutes on 2 cores)
+# Usage: ci/figures-pruning.sh [STORE]   (about 45 minutes on 2 cores)
 set -euo pipefail
 store=${1:-artifacts/pruning-figures}
 build() { python -m export.build --out "$store" --threads 2 "$@" | tail -n 4; }
