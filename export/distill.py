@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from export.passes.pruning import PrunePlan, PruningError
+from export.passes.pruning import PrunePlan, PruningError, group_channels
 from runtime.progress import Bar
 
 STAGE = "distill"
@@ -74,8 +74,7 @@ def prune_module(model, plan: PrunePlan):
         mlp.down_proj = _select(mlp.down_proj, keep, 1)
     for index, groups in plan.kv_groups.items():
         attention = layers[index].self_attn
-        query = np.concatenate([np.arange(g * rep * head_dim, (g + 1) * rep * head_dim) for g in sorted(groups)])
-        kv = np.concatenate([np.arange(g * head_dim, (g + 1) * head_dim) for g in sorted(groups)])
+        query, kv = group_channels(groups, rep * head_dim), group_channels(groups, head_dim)
         attention.q_proj = _select(attention.q_proj, query, 0)
         attention.k_proj, attention.v_proj = _select(attention.k_proj, kv, 0), _select(attention.v_proj, kv, 0)
         attention.o_proj = _select(attention.o_proj, query, 1)

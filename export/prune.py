@@ -38,6 +38,7 @@ from export.passes.pruning import (
     _bias_value,
     _residual_span,
     find_blocks,
+    group_channels,
 )
 from export.sensitivity import MaskedModel
 from runtime import accuracy
@@ -307,7 +308,7 @@ def repair(model: ir.Model, plan: PrunePlan, energies: dict[int, LayerEnergy], f
             refit += 1
     for layer, groups in plan.kv_groups.items():
         if layer in blocks and energies[layer].attn_gram is not None:
-            kept = np.concatenate([np.arange(g * rep * hd, (g + 1) * rep * hd) for g in sorted(groups)])
+            kept = group_channels(groups, rep * hd)
             _refit(blocks[layer].attention["o_proj"], kept, energies[layer].attn_gram, energies[layer].attn_mean)
             refit += 1
     return refit

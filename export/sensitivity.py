@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from calibration.graph import weight_axis
-from export.passes.pruning import find_blocks
+from export.passes.pruning import find_blocks, group_channels
 from runtime import accuracy
 from runtime.baselines import plain_session, prefill_feeds
 
@@ -64,8 +64,7 @@ class MaskedModel:
             if unit.kind == "mlp":
                 masks[mask_name("mlp", unit.layer)][list(unit.members)] = 0
             elif unit.kind == "heads":
-                for group in unit.members:
-                    masks[mask_name("heads", unit.layer)][group * self.group_width:(group + 1) * self.group_width] = 0
+                masks[mask_name("heads", unit.layer)][group_channels(unit.members, self.group_width)] = 0
             else:
                 for kind in MASKED_KINDS:
                     if mask_name(kind, unit.layer) in masks:

@@ -98,6 +98,12 @@ def find_blocks(graph: ir.Graph) -> dict[int, Block]:
     return dict(sorted(blocks.items()))
 
 
+def group_channels(groups, width: int) -> np.ndarray:
+    """The channels of KV groups `groups` in a projection laid out group after group, `width` channels each
+    (queries: heads per group x head_dim; keys and values: head_dim), in group order."""
+    return np.concatenate([np.arange(g * width, (g + 1) * width) for g in sorted(groups)])
+
+
 def _out_channels(node: ir.Node) -> int:
     return node.inputs[1].const_value.shape[weight_axis(node)]
 
@@ -186,8 +192,7 @@ class PruneAttentionHeadsPass(ir.passes.InPlacePass):
             if not kept or len(kept) >= self.kv_heads + 1 or kept[-1] >= self.kv_heads:
                 raise PruningError(f"layer {index}: the plan keeps KV groups {kept} of {self.kv_heads}; keep at "
                                    "least one (pruning every head of a layer is dropping the layer)")
-            query = np.concatenate([np.arange(g * rep * hd, (g + 1) * rep * hd) for g in kept])
-            kv = np.concatenate([np.arange(g * hd, (g + 1) * hd) for g in kept])
+            query, kv = group_channels(kept, rep * hd), group_channels(kept, hd)
             _take(block.attention["q_proj"], query, output_side=True)
             _take(block.attention["k_proj"], kv, output_side=True)
             _take(block.attention["v_proj"], kv, output_side=True)
