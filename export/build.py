@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -238,9 +239,27 @@ def run_stage(store: Path, stage: str, parent: str, stage_config: dict, produce,
         progress(f"[{stage}] reusing {found.path}")
         return StageResult(stage, found, time.perf_counter() - started, reused=True)
     with artifacts.ArtifactWriter(store, stage, ident, parent, stage_config | (record or {})) as writer:
-        result = produce(writer)
+        try:
+            result = produce(writer)
+        except Exception as exc:
+            raise_if_disk_full(store, stage, exc)
+            raise
     progress(f"[{stage}] done in {time.perf_counter() - started:.1f}s -> {result.path}")
     return StageResult(stage, result, time.perf_counter() - started, reused=False)
+
+
+DISK_FULL_BYTES = 64 * 2**20
+
+
+def raise_if_disk_full(store: Path, stage: str, failure: Exception) -> None:
+    """A full disk surfaces as whatever the writing library says ('Protobuf serialization failed' from ONNX
+    Runtime, a short write from onnx); checked before the writer removes its half-written folder, so the
+    free space seen is the space the stage left."""
+    free = shutil.disk_usage(store).free
+    if free < DISK_FULL_BYTES:
+        raise BadInputError(f"the disk holding {store} is full ({free / 2**20:.0f} MiB free) and the {stage} "
+                            f"stage failed writing ({type(failure).__name__}: {failure}); free some space or "
+                            "pass --out on a larger disk") from failure
 
 
 def run_export(config: BuildConfig) -> StageResult:

@@ -137,3 +137,25 @@ def test_anything_unexpected_exits_1_naming_the_log(tmp_path, monkeypatch, capsy
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "unexpected RuntimeError: disk on fire" in last and str(tmp_path / "lmforge-error.log") in last
     assert "Traceback" in (tmp_path / "lmforge-error.log").read_text()
+
+
+@pytest.mark.parametrize("free_mib, disk_named", [(3, True), (4096, False)])
+def test_a_stage_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch, free_mib, disk_named):
+    import shutil
+    from collections import namedtuple
+
+    from export import build
+    from runtime.errors import BadInputError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40, free_mib * 2**20))
+
+    def produce(writer):
+        (writer.dir / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("Protobuf serialization failed.")
+
+    expected = BadInputError if disk_named else RuntimeError
+    with pytest.raises(expected) as failure:
+        build.run_stage(tmp_path, "engine", "parent0", {}, produce)
+    assert ("disk holding" in str(failure.value) and "--out" in str(failure.value)) is disk_named
+    assert list(tmp_path.iterdir()) == []
