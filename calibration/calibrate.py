@@ -24,8 +24,7 @@ from calibration import stats
 from calibration.data import DataConfig, load_samples, within_context
 from calibration.graph import linear_nodes, projection_nodes, weight_array, weight_axis
 from calibration.qdq import (
-    BITS,
-    BLOCK,
+    BLOCKS,
     QuantizeLinearLayersPass,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -47,7 +46,7 @@ PRECISIONS = ("int8", "int8-weight-only", "int4")
 @dataclass(frozen=True)
 class CalibrationConfig:
     # 'int8' (W8A8: weights per channel, activations per tensor), 'int8-weight-only' or 'int4' (weights only,
-    # symmetric blocks of 32 input channels, as onnxruntime-genai's int8 and int4).
+    # symmetric, in blocks of input channels: qdq.BLOCKS).
     precision: str = "int8"
     # How an activation's clipping range is chosen from its histogram: minmax, percentile, entropy or mse.
     method: str = "mse"
@@ -62,7 +61,7 @@ class CalibrationConfig:
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
     # Linear layers whose weights alone become int8 (input left in float) at every precision: per channel,
-    # in blocks of 32 at int8-weight-only. The LM head: int8 or int4 activations there cost
+    # in blocks at int8-weight-only. The LM head: int8 or int4 activations there cost
     # accuracy, and in float its weights are a fifth of what each decode step reads (int8 weights took
     # int8-weight-only decode from 11.6 to 9.4 ms per token).
     weight_only_int8: tuple[str, ...] = ("lm_head",)
@@ -196,7 +195,7 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
     errors = {}
     for node in linear_nodes(ir.load(str(source)).graph):
         weight, axis = weight_array(node), weight_axis(node)
-        restored = fake_quantize_weight_blocked(weight, axis, BITS[precision])
+        restored = fake_quantize_weight_blocked(weight, axis, precision)
         error = np.linalg.norm(restored - weight) / max(np.linalg.norm(weight), 1e-12)
         errors[node.name] = float(error)
     return sorted(errors, key=errors.get, reverse=True)
@@ -206,7 +205,7 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
           precision: str) -> Path:
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
-        QuantizeLinearLayersPass(frozenset(keep), block=BLOCK)(model)
+        QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
     elif precision == "int4":  # the weight-only int8 layers first (per channel, which TensorRT also takes;
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)

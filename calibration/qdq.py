@@ -79,8 +79,8 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
     def _dequantized_weight(self, graph: ir.Graph, node: ir.Node) -> ir.Node:
         axis, weight = weight_axis(node), projection_weight(node)
         attributes = {"axis": axis}
-        if self.block and axis == 1 and weight.shape[0] % self.block == 0:
-            (quantized, scale), attributes = quantize_weight_blocked(weight, block=self.block), {
+        if self.block and axis == 1:
+            (quantized, scale), attributes = quantize_weight_blocked(weight, 8, self.block), {
                 "axis": 0, "block_size": self.block}
         else:
             quantized, scale = quantize_weight(weight, axis)
@@ -102,29 +102,33 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
                        outputs=[ir.Value(name=f"{consumer}.input_dequantized")])
 
 
-BLOCK = 32  # input channels per scale of the weight-only precisions, as MatMulNBits stores them
+# Input channels per scale of the weight-only precisions, as MatMulNBits stores them. int8 takes long blocks:
+# on the default model, 128 decoded 1.15x faster than 32 (fewer scales per weight byte) at the same accuracy;
+# int4 needs short ones for accuracy (onnxruntime-genai's 32).
+BLOCKS = {"int8-weight-only": 128, "int4": 32}
 BITS = {"int8-weight-only": 8, "int4": 4}
 
 
-def quantize_weight_blocked(weight: np.ndarray, bits: int = 8, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values [in, out], float32 scales [in / block, out]): symmetric `bits`-bit weights in blocks of
-    `block` input channels, as blocked DequantizeLinear stores them. `in` must be a multiple of `block`."""
+def quantize_weight_blocked(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values [in, out], float32 scales [ceil(in / block), out]): symmetric `bits`-bit weights in blocks
+    of `block` input channels, the last block shorter where `in` is no multiple (as blocked DequantizeLinear
+    reads them)."""
     qmax = 2 ** (bits - 1) - 1
-    blocks = weight.reshape(-1, block, weight.shape[1])
+    rows = -(-weight.shape[0] // block) * block
+    padded = np.zeros((rows, weight.shape[1]), dtype=np.float32)
+    padded[: weight.shape[0]] = weight
+    blocks = padded.reshape(-1, block, weight.shape[1])
     scale = np.abs(blocks).max(axis=1) / qmax
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     quantized = np.clip(np.rint(blocks / scale[:, None, :]), -qmax, qmax).astype(np.int8)
-    return quantized.reshape(weight.shape), scale
+    return quantized.reshape(rows, -1)[: weight.shape[0]], scale
 
 
-def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, bits: int, block: int = BLOCK) -> np.ndarray:
-    """The weight after a round trip through `quantize_weight_blocked` (rows padded to whole blocks)."""
+def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, precision: str) -> np.ndarray:
+    """The weight after a round trip through `quantize_weight_blocked` at `precision`'s bits and block."""
     w = weight if axis == 1 else weight.T  # [in, out]
-    rows = -(-w.shape[0] // block) * block
-    padded = np.zeros((rows, w.shape[1]), dtype=np.float32)
-    padded[: w.shape[0]] = w
-    quantized, scale = quantize_weight_blocked(padded, bits, block)
-    restored = (quantized.reshape(-1, block, w.shape[1]) * scale[:, None, :]).reshape(rows, -1)[: w.shape[0]]
+    quantized, scale = quantize_weight_blocked(w, BITS[precision], BLOCKS[precision])
+    restored = quantized * np.repeat(scale, BLOCKS[precision], axis=0)[: w.shape[0]]
     return restored if axis == 1 else restored.T
 
 
@@ -145,7 +149,7 @@ def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()
     # back to Python's default.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=BLOCK, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=BLOCKS["int4"], is_symmetric=True,
                                      nodes_to_exclude=sorted(exclude), quant_format=QuantFormat.QDQ)
     quantizer.process()
     for node in quantizer.model.model.graph.node:  # it renames what it quantizes; our passes find layers by name

@@ -278,10 +278,22 @@ def test_int8_weight_only_is_blockwise_and_fuses_to_matmulnbits(tiny_model_facto
     assert len(dequantize) == len(layers)  # every layer, the tied LM head included
     for node in dequantize:
         weight, scale = inits[node.input[0]], inits[node.input[1]]
-        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0), ("block_size", 32)]
-        assert weight.dtype == np.int8 and scale.shape == (weight.shape[0] // 32, weight.shape[1])
+        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0), ("block_size", 128)]
+        assert weight.dtype == np.int8 and scale.shape == (-(-weight.shape[0] // 128), weight.shape[1])
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(layers)
+
+
+def test_blocked_weights_take_a_shorter_last_block():
+    from calibration.qdq import quantize_weight_blocked
+
+    weight = np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32)
+    weight[150:] *= 1e-3  # the short last block (rows 128-199) must get a scale of its own
+    quantized, scale = quantize_weight_blocked(weight, 8, 128)
+    assert quantized.shape == (200, 3) and scale.shape == (2, 3)
+    np.testing.assert_allclose(scale[1], np.abs(weight[128:]).max(axis=0) / 127, rtol=1e-6)
+    restored = quantized * np.repeat(scale, 128, axis=0)[:200]
+    assert np.abs(restored - weight).max() <= scale.max() / 2 + 1e-7
 
 
 def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_factory, tmp_path):
