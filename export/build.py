@@ -95,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calib.add_argument("--calib-seed", type=int, default=data_defaults.seed)
     calib.add_argument("--calib-chat", action="store_true", help="wrap samples in the model's chat template")
     calib.add_argument("--calib-method", default=defaults.method, help="minmax, percentile, entropy or mse")
-    calib.add_argument("--smoothquant-alpha", type=float, default=defaults.smoothquant_alpha,
-                       help="SmoothQuant strength; a negative value turns it off")
+    calib.add_argument("--smoothquant-alpha", type=float, default=None,
+                       help="SmoothQuant strength (default: 0.75 at int8, 0.5 at int8-weight-only); a negative "
+                            "value turns it off")
     calib.add_argument("--rotate", action="store_true",
                        help="rotate the residual stream before quantizing (RMSNorm models)")
     calib.add_argument("--online-rotation", action="store_true",
@@ -150,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
-        smoothquant_alpha=args.smoothquant_alpha if args.smoothquant_alpha >= 0 else None,
+        smoothquant_alpha=args.smoothquant_alpha if (args.smoothquant_alpha or 0) >= 0 else None,
+        smoothquant=(args.smoothquant_alpha or 0) >= 0,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.bench_runs < 0 or args.bench_prompt < 1 or args.bench_gen < 2:

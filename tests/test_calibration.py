@@ -1,6 +1,7 @@
 """Calibration on tiny models: sample data, statistics, SmoothQuant exactness, TensorRT-ready Q/DQ, gates."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ from conftest import run_cli
 
 from calibration import stats
 from calibration.data import DataConfig, default_documents, load_samples, split_documents
-from calibration.qdq import QuantizeLinearLayersPass
+from calibration.qdq import BLOCKS, QuantizeLinearLayersPass
 from calibration.smoothquant import SmoothQuantPass
 from runtime import accuracy
 
@@ -274,12 +275,14 @@ def test_int8_weight_only_is_blockwise_and_fuses_to_matmulnbits(tiny_model_facto
     proto = onnx.load(str(calibrated / "model.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    layers = json.loads((calibrated / "manifest.json").read_text())["io"]["model"]["linear_layers"]
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    layers, block = manifest["io"]["model"]["linear_layers"], BLOCKS["int8-weight-only"]
     assert len(dequantize) == len(layers)  # every layer, the tied LM head included
+    assert manifest["metrics"]["smoothquant_layers"] > 0  # its inputs are quantized at run time
     for node in dequantize:
         weight, scale = inits[node.input[0]], inits[node.input[1]]
-        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0), ("block_size", 128)]
-        assert weight.dtype == np.int8 and scale.shape == (-(-weight.shape[0] // 128), weight.shape[1])
+        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0), ("block_size", block)]
+        assert weight.dtype == np.int8 and scale.shape == (-(-weight.shape[0] // block), weight.shape[1])
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     assert fused_op_count(calibrated / "model.onnx", tmp_path, "MatMulNBits") == len(layers)
 
@@ -314,3 +317,16 @@ def test_int4_is_blockwise_weight_only_and_fuses_to_matmulnbits(tiny_model_facto
     assert "model.layers.1.self_attn.o_proj" in {n.name for n in proto.graph.node}  # names survive quantizing
     engine = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
     assert engine["metrics"]["fusion"]["attention"] == "fused"
+
+
+def test_smoothquant_strength_follows_the_precision_unless_given_or_turned_off():
+    from calibration.calibrate import smoothquant_strength
+    from export.build import parse_args
+
+    def strength(*flags):
+        config = parse_args(list(flags)).calibration
+        return [smoothquant_strength(replace(config, precision=p)) for p in ("int8", "int8-weight-only", "int4")]
+
+    assert strength() == [0.75, 0.5, None]
+    assert strength("--smoothquant-alpha", "0.6") == [0.6, 0.6, None]
+    assert strength("--smoothquant-alpha", "-1") == [None, None, None]
