@@ -33,6 +33,9 @@ from runtime.progress import Ticker
 # Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
 PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
 BACKENDS = ("auto", "ort", "trt")
+# With distillation to heal it, a --prune-budget plan may first spend this many times the budget. On the
+# default model, distillation won back about two thirds of a plan's loss (see README, "Pruning").
+HEAL_BUDGET_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
     pruning.add_argument("--distill-steps", type=int, default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
+    pruning.add_argument("--heal-budget", type=float, default=None,
+                         help="with --prune-budget and --distill-steps: the perplexity increase the plan may "
+                              f"reach before healing (default {HEAL_BUDGET_FACTOR:g}x --prune-budget); the healed "
+                              "model must still fit --prune-budget")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--threads", type=int, default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
@@ -175,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                             f"(the first {prune.SEARCH_WINDOWS} judge the plan, the rest measure importance)")
     if args.prune_multiple < 1:
         raise BadInputError(f"--prune-multiple {args.prune_multiple}: give a positive channel count, e.g. 64")
-    pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=args.prune_budget,
+    heal_budget = healing_budget(args)
+    pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=heal_budget or args.prune_budget,
                                 plan_file=args.prune_plan, multiple=args.prune_multiple,
                                 repair=not args.no_prune_repair, threads=args.threads,
                                 data=replace(data, samples=args.prune_samples))
@@ -186,9 +194,25 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                                             fuse_attention=not args.no_fuse_attention)
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
-                       pruning=pruning, distillation=distill.DistillConfig(steps=args.distill_steps),
+                       pruning=pruning, distillation=distill.DistillConfig(
+                           steps=args.distill_steps, max_increase=args.prune_budget if heal_budget else None,
+                           allow_accuracy_loss=args.allow_accuracy_loss),
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
                        bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen)
+
+
+def healing_budget(args) -> float | None:
+    """The budget the planner spends when distillation heals the plan afterwards, or None."""
+    if args.heal_budget is None and not (args.distill_steps and args.prune_budget is not None):
+        return None
+    if args.prune_budget is None or not args.distill_steps:
+        raise BadInputError("--heal-budget is what a --prune-budget plan may spend before --distill-steps heal it; "
+                            "give all three")
+    heal_budget = HEAL_BUDGET_FACTOR * args.prune_budget if args.heal_budget is None else args.heal_budget
+    if heal_budget < args.prune_budget:
+        raise BadInputError(f"--heal-budget {heal_budget:g} is below --prune-budget {args.prune_budget:g}; "
+                            "healing cannot be planned to lose accuracy")
+    return heal_budget
 
 
 def check_writable(folder: Path) -> None:

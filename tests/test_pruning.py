@@ -203,6 +203,33 @@ def test_distillation_without_pruning_is_refused(tiny_model_factory, tmp_path):
     assert "--distill-steps heals a pruned model" in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_healed_budget_plans_for_more_and_gates_the_healed_model():
+    from export.build import HEAL_BUDGET_FACTOR, parse_args
+
+    config = parse_args(["--prune-budget", "5", "--distill-steps", "10"])
+    assert config.pruning.budget == HEAL_BUDGET_FACTOR * 5 and config.distillation.max_increase == 5
+    config = parse_args(["--prune-budget", "5", "--distill-steps", "10", "--heal-budget", "8"])
+    assert config.pruning.budget == 8 and config.distillation.max_increase == 5
+    config = parse_args(["--prune", "mlp=0.25", "--distill-steps", "10"])  # ratios: nothing to gate
+    assert config.distillation.max_increase is None
+    for flags, problem in ((["--heal-budget", "8", "--prune-budget", "5"], "give all three"),
+                           (["--heal-budget", "3", "--prune-budget", "5", "--distill-steps", "1"], "below")):
+        with pytest.raises(BadInputError, match=problem):
+            parse_args(flags)
+
+
+def test_the_healed_model_must_fit_the_budget():
+    from export.distill import DistillConfig, check_healed
+    from runtime.errors import AccuracyError
+
+    gate = DistillConfig(steps=10, max_increase=5.0)
+    check_healed(20.9, 20.0, gate)  # +4.5%
+    with pytest.raises(AccuracyError, match=r"\+6\.00% over the unpruned one, over the 5% --prune-budget"):
+        check_healed(21.2, 20.0, gate)
+    check_healed(21.2, 20.0, DistillConfig(steps=10, max_increase=5.0, allow_accuracy_loss=True))
+    check_healed(21.2, 20.0, DistillConfig(steps=10))
+
+
 def test_pareto_table_measures_every_variant_in_one_run(tiny_model_factory, tmp_path):
     model = str(tiny_model_factory("llama"))
     for flags in ([], ["--prune", "layers=1"]):
