@@ -43,6 +43,8 @@ def describe(engine: artifacts.Artifact, pruned: artifacts.Artifact | None, by_i
                        {"budget": prune_artifact.manifest["config"].get("budget")})
     if pruned.stage == "distill":
         label += f" +distill {pruned.metrics['distillation']['steps']}"
+        gate = pruned.manifest["config"].get("max_increase")
+        label += f" (healed budget {gate:g})" if gate is not None else ""
     if not prune_artifact.manifest["config"].get("repair", True):
         label += " no-repair"
     return row | {"variant": label, "parameters": metrics["parameters_after"],
