@@ -158,8 +158,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
-        smoothquant_alpha=args.smoothquant_alpha if (args.smoothquant_alpha or 0) >= 0 else None,
-        smoothquant=(args.smoothquant_alpha or 0) >= 0,
+        smoothquant_alpha=args.smoothquant_alpha,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.bench_runs < 0 or args.bench_prompt < 1 or args.bench_gen < 2:
