@@ -9,6 +9,7 @@ perplexity increase is over budget, return the most sensitive layers to float (n
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import resource
 import shutil
@@ -66,11 +67,17 @@ class CalibrationConfig:
     online_rotation: bool = False
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
-    # Linear layers whose weights alone become int8 (input left in float) at every precision: per channel,
-    # in blocks at int8-weight-only. The LM head: int8 or int4 activations there cost
-    # accuracy, and in float its weights are a fifth of what each decode step reads (int8 weights took
-    # int8-weight-only decode from 11.6 to 9.4 ms per token).
+    # Linear layers (names or fnmatch patterns) whose weights alone become int8 (input left in float) at
+    # every precision: per channel, in blocks at int8-weight-only. The LM head: int8 or int4 activations
+    # there cost accuracy, and in float its weights are a fifth of what each decode step reads (int8
+    # weights took int8-weight-only decode from 11.6 to 9.4 ms per token).
     weight_only_int8: tuple[str, ...] = ("lm_head",)
+    # The same, at int8 only (unless online_rotation makes their inputs quantizable). A down_proj reads
+    # silu(gate) * up, whose outliers no per-tensor scale takes: on the default model, every layer the
+    # search returned to float was a down_proj (16 of them, +2.33%). All 30 weight-only and unsmoothed
+    # measured +2.21% with none in float, and decode about 7% faster (ONNX Runtime runs them as
+    # MatMulNBits; TensorRT as float MatMuls of int8-stored weights, as the 16 float ones were).
+    weight_only_at_int8: tuple[str, ...] = ("*.mlp.down_proj",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
     max_ppl_increase: float = 3.0
     # Never return more than this share of the linear layers to float: past it, it is not an int8 engine.
@@ -107,8 +114,12 @@ def validate(config: CalibrationConfig, layers: list[str]) -> None:
 
 
 def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str]:
-    """The configured weight-only int8 layers this model has (families name their LM head differently)."""
-    return [name for name in config.weight_only_int8 if name in layers and name not in config.keep_fp]
+    """The layers of this model that become weight-only int8 (families name their LM head differently)."""
+    patterns = config.weight_only_int8
+    if config.precision == "int8" and not config.online_rotation:
+        patterns += config.weight_only_at_int8
+    return [name for name in layers if name not in config.keep_fp
+            and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
 @dataclass
@@ -178,8 +189,12 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     alpha = smoothquant_strength(config)
     if alpha is not None:
         channel_stats = stats.collect(source, tensors, samples.calibration[:16], facts, config.threads)
+        # Not the weight-only layers: smoothing moves their input's outliers into int8 weights, and nothing
+        # quantizes their input statically (per-channel weights of unsmoothed down_proj: +2.98% with 16 of
+        # them on the default model, against +3.65% smoothed).
+        skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
         smoothing = SmoothQuantPass({name: s.channel_absmax for name, s in channel_stats.items()}, alpha=alpha,
-                                    skip=frozenset(config.keep_fp) | frozenset(config.weight_only_int8))
+                                    skip=skip)
         smoothing(model)
         smoothed = smoothing.smoothed
         source = work / "smoothed.onnx"
@@ -226,9 +241,7 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
         QuantizeLinearLayersPass(others)(model)
-    else:  # int8. Not int8 weights for the layers kept in float: ONNX Runtime then quantizes their inputs per
-        # block at run time (MatMulNBits), and on the default model that measured +3.40% with 8 such layers
-        # against +2.33% with 16 float ones (their inputs carry the outliers).
+    else:  # int8; the layers the search returns go wholly to float (the weight-only ones are chosen up front)
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
     if precision == "int4":

@@ -208,16 +208,26 @@ def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factor
     accuracy_metrics = manifest["metrics"]["accuracy"]
     assert accuracy_metrics["passed"] and accuracy_metrics["perplexity_increase_percent"] <= 50
     assert "lm_head" not in manifest["metrics"]["kept_in_float"]
-    assert manifest["metrics"]["weight_only_int8"] == ["lm_head"]
-    # The LM head: int8 weights behind a DequantizeLinear, its input straight from the float graph.
+    layers = json.loads(next((tmp_path / "store").glob("export-*/manifest.json")).read_text())["io"]["model"][
+        "linear_layers"]
+    down = [name for name in layers if name.endswith(".mlp.down_proj")]
+    assert down and sorted(manifest["metrics"]["weight_only_int8"]) == sorted(down + ["lm_head"])
+    # Neither is smoothed (nothing quantizes their inputs): per layer, q/k/v and gate/up are (o_proj reads
+    # attention, which nothing folds into).
+    assert manifest["metrics"]["smoothquant_layers"] == 5 * len(down)
+    # The LM head and every down_proj: int8 weights behind a DequantizeLinear, inputs straight from the
+    # float graph; every other layer reads a DequantizeLinear.
     proto = onnx.load(str(calibrated / "model.onnx"))
     producers = {out: node for node in proto.graph.node for out in node.output}
-    head = next(n for n in proto.graph.node if n.name == "lm_head")
-    weight_dq = producers[head.input[1]]
-    assert weight_dq.op_type == "DequantizeLinear"
-    assert onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer
-                                           if i.name == weight_dq.input[0])).dtype == np.int8
-    assert head.input[0] not in producers or producers[head.input[0]].op_type != "DequantizeLinear"
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for layer in proto.graph.node:
+        if layer.name not in layers:
+            continue
+        weight_dq, input_producer = producers[layer.input[1]], producers.get(layer.input[0])
+        assert weight_dq.op_type == "DequantizeLinear"
+        assert onnx.numpy_helper.to_array(initializers[weight_dq.input[0]]).dtype == np.int8
+        reads_dq = input_producer is not None and input_producer.op_type == "DequantizeLinear"
+        assert reads_dq == (layer.name not in down + ["lm_head"]), layer.name
     assert "calibrate" in result.stdout and "top-1" in result.stdout
 
 
