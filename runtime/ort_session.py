@@ -14,6 +14,7 @@ import numpy as np
 
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError
+from runtime.hugepages import huge_pages_for_new_memory
 from runtime.ort_capi import (
     ELEMENT_TYPES,
     ORT_ARENA_ALLOCATOR,
@@ -74,7 +75,8 @@ class OrtSession:
         self._cache: list[np.ndarray] = []
         self._cache_values: list[int] = []
         self._allocator = api.out("GetAllocatorWithDefaultOptions")  # owned by ONNX Runtime: never freed
-        self._session = self._create_session(artifact.file(MODEL_FILE), options)
+        with huge_pages_for_new_memory(options.huge_pages and options.provider == "cpu"):  # the weights
+            self._session = self._create_session(artifact.file(MODEL_FILE), options)
         self.input_names = self._names("SessionGetInputCount", "SessionGetInputName")
         self.output_names = self._names("SessionGetOutputCount", "SessionGetOutputName")
         self._past_names = [n.encode() for n in self.input_names if n.startswith("past_key_values.")]

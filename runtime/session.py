@@ -26,6 +26,8 @@ class SessionOptions:
     provider: str = "cpu"
     # Path of the ONNX Runtime shared library; None finds the installed one (runtime.ort_capi.find_library).
     library: str | None = None
+    # Back the engine's weights with 2 MiB pages where the OS allows it (runtime/hugepages.py; CPU only).
+    huge_pages: bool = True
 
 
 # The engines' optional input (a default of 0: every position) that asks for the last n positions' logits.

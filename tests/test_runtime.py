@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,60 @@ def test_runtime_needs_only_its_light_dependencies(llama):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1])
+    return 0
+
+
+def _malloc_touched(size: int) -> int:
+    """The middle address of `size` bytes from libc's malloc, written (as ONNX Runtime gets its weights;
+    numpy asks for huge pages itself)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    pointer = libc.malloc(size)
+    ctypes.memset(pointer, 1, size)
+    return pointer + size // 2
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[always]" in THP_MODE.read_text() or "[never]" in THP_MODE.read_text(),
+                    reason="needs Linux with transparent huge pages on request (madvise mode)")
+def test_memory_allocated_inside_the_block_lands_on_huge_pages():
+    from runtime.hugepages import huge_pages_for_new_memory
+
+    with huge_pages_for_new_memory():
+        weights = _malloc_touched(48 << 20)
+    with huge_pages_for_new_memory(enabled=False):
+        plain = _malloc_touched(48 << 20)
+    assert _anon_huge_kb(weights) >= 2048
+    assert _anon_huge_kb(plain) == 0
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_session_loads_its_weights_under_the_huge_page_block_unless_told_not_to(llama, monkeypatch, huge_pages):
+    import contextlib
+
+    from runtime import ort_session
+
+    seen = []
+    monkeypatch.setattr(ort_session, "huge_pages_for_new_memory",
+                        lambda enabled: seen.append(enabled) or contextlib.nullcontext())
+    with open_session(llama, SessionOptions(threads=1, huge_pages=huge_pages)) as session:
+        assert session.prefill(np.array([PROMPT])).shape[-1] == 128
+    assert seen == [huge_pages]
