@@ -168,6 +168,7 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
         for name, run in runners.items():
             results[name].runs.append(run())
     report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "provider": options.provider,
+              "huge_pages": options.huge_pages,
               "prompt_len": prompt_len,
               "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()},
               "steps": {name: m.runs[-1][1] for name, m in results.items()}}  # per-token ms of the last run
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu or cuda")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="leave this runtime's engine memory on the pages malloc gave it, as the baselines' is")
     parser.add_argument("--baselines", action="store_true",
                         help="also measure the plain onnxruntime-Python loop and PyTorch eager")
     parser.add_argument("--genai", default="",
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
             raise LmforgeError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
-        options = SessionOptions(threads=args.threads, provider=args.provider)
+        options = SessionOptions(threads=args.threads, provider=args.provider, huge_pages=not args.no_huge_pages)
         compare = tuple(artifacts.load(path) for path in args.compare)
         report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,
                          args.baselines, args.rss_tokens, compare,

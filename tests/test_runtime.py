@@ -214,9 +214,10 @@ def test_bench_cli_measures_baseline_ratio_and_rss(llama, export_factory, tmp_pa
     other = export_factory("gpt2")
     result = run_cli("runtime.bench", str(llama.path), "--prompt-len", "16", "--gen-len", "32", "--runs", "2",
                      "--threads", "1", "--baselines", "--rss-tokens", "2000", "--json", str(out),
-                     "--compare", str(other.path))
+                     "--compare", str(other.path), "--no-huge-pages")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
+    assert report["huge_pages"] is False
     compared = f"export-{other.id} (fp32)"
     assert set(report["runners"]) == {"lmforge", "onnxruntime-python", "pytorch-eager", compared}
     assert report["ratios"][compared]["tpot"] > 0
