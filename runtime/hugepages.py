@@ -62,7 +62,8 @@ def back_with_huge_pages(regions: set[Region]) -> int:
 def huge_pages_for_new_memory(enabled: bool = True) -> Iterator[None]:
     """Back the anonymous memory that the body allocates (an engine's weights) with huge pages: the
     mappings that appeared or changed meanwhile (the kernel merges neighbouring mappings, so memory next
-    to the new may come along)."""
+    to the new may come along). Memory that malloc hands out again from mappings it already had stays as
+    it was: a long-lived process that freed a large model before loading this one may get less."""
     before = anonymous_regions() if enabled else set()
     yield
     if enabled:

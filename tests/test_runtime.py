@@ -279,17 +279,15 @@ def _anon_huge_kb(address: int) -> int:
     return 0
 
 
-def _malloc_touched(size: int) -> int:
-    """The middle address of `size` bytes from libc's malloc, written (as ONNX Runtime gets its weights;
-    numpy asks for huge pages itself)."""
+def _fresh_memory(size: int):
+    """`size` bytes of a new private anonymous mapping, written (as glibc's malloc maps ONNX Runtime's large
+    allocations; numpy asks for huge pages itself), and the address of its middle."""
     import ctypes
-    import ctypes.util
+    import mmap
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    pointer = libc.malloc(size)
-    ctypes.memset(pointer, 1, size)
-    return pointer + size // 2
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.write(b"\1" * size)
+    return memory, ctypes.addressof(ctypes.c_char.from_buffer(memory)) + size // 2
 
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -301,11 +299,11 @@ def test_memory_allocated_inside_the_block_lands_on_huge_pages():
     from runtime.hugepages import huge_pages_for_new_memory
 
     with huge_pages_for_new_memory():
-        weights = _malloc_touched(48 << 20)
+        weights, weights_middle = _fresh_memory(48 << 20)
     with huge_pages_for_new_memory(enabled=False):
-        plain = _malloc_touched(48 << 20)
-    assert _anon_huge_kb(weights) >= 2048
-    assert _anon_huge_kb(plain) == 0
+        plain, plain_middle = _fresh_memory(48 << 20)
+    assert _anon_huge_kb(weights_middle) >= 2048
+    assert _anon_huge_kb(plain_middle) == 0
 
 
 @pytest.mark.parametrize("huge_pages", [True, False])
