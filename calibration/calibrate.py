@@ -77,7 +77,8 @@ class CalibrationConfig:
     # silu(gate) * up, whose outliers no per-tensor scale takes: on the default model, every layer the
     # search returned to float was a down_proj (16 of them, +2.33%). All 30 weight-only and unsmoothed
     # verified at +2.18% with none in float, and decode about 7% faster (ONNX Runtime runs them as
-    # MatMulNBits; TensorRT as float MatMuls of int8-stored weights, as the 16 float ones were).
+    # MatMulNBits). TensorRT gets the LM head's form: per-channel int8 weights behind a DequantizeLinear,
+    # float input; whether it keeps them int8 or folds them to float is unverified (no TensorRT here).
     weight_only_at_int8: tuple[str, ...] = ("*.mlp.down_proj",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
     max_ppl_increase: float = 3.0
