@@ -42,20 +42,16 @@ def anonymous_regions() -> set[Region]:
     return regions
 
 
-def back_with_huge_pages(regions: set[Region]) -> int:
-    """Collapse each region's whole huge pages; returns the bytes the kernel collapsed now."""
+def back_with_huge_pages(regions: set[Region]) -> None:
+    """Collapse each region's whole huge pages (best effort: a kernel that cannot says so in errno only)."""
     madvise = _madvise()
     if madvise is None:
-        return 0
-    collapsed = 0
+        return
     for start, end in sorted(regions):
         first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-        if last <= first:
-            continue
-        madvise(first, last - first, MADV_HUGEPAGE)  # also what a kernel without MADV_COLLAPSE can do
-        if madvise(first, last - first, MADV_COLLAPSE) == 0:
-            collapsed += last - first
-    return collapsed
+        if last > first:
+            madvise(first, last - first, MADV_HUGEPAGE)  # also what a kernel without MADV_COLLAPSE can do
+            madvise(first, last - first, MADV_COLLAPSE)
 
 
 @contextlib.contextmanager
