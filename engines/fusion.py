@@ -12,6 +12,11 @@ Padding: every row of a batch keeps the full cache length (`seqlens_k` = total -
 left-padded positions are masked through `attention_bias`. The rotary positions are GroupQueryAttention's own
 (the cache index, padding included): for a left-padded row that is `position_ids` plus the row's padding, a
 constant shift that rotary attention does not see, so batches with left padding stay exact (tested).
+
+Per-row lengths: the engine-only input `cache_lengths` (int64 [batch], positions already in each row's cache;
+default [-1]: every row has total - sequence) sets `seqlens_k` per row, so one step runs rows of different
+lengths without padding them to the longest: continuous batching's slots. Fed, the attention mask is
+right-padded (ones for each row's real positions); GroupQueryAttention reads each row only up to its length.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from runtime.errors import BadInputError
+from runtime.session import CACHE_LENGTHS
 
 CONTRIB = "com.microsoft"
 # Families whose attention is exactly q/k/v projections, rotate-half RoPE on q and k, and causal softmax
@@ -265,9 +271,23 @@ class _SharedInputs:
         sequence = self.add(ir.node("Shape", [ids], attributes={"start": 1, "end": 2}))
         total32 = self.add(ir.node("Cast", [total], attributes={"to": ir.DataType.INT32}))
         self.total_length = self.add(ir.node("Squeeze", [total32]))
-        last = self.add(ir.node("Sub", [total32, add_initializer(self.graph, "attention.one", np.ones(1, np.int32))]))
-        self.seqlens = self.add(ir.node("Expand", [last, batch]))
+        self.seqlens = self._seqlens(total, batch, sequence)
         self.bias = self._padding_bias(mask, batch, sequence, total)
+
+    def _seqlens(self, total: ir.Value, batch: ir.Value, sequence: ir.Value) -> ir.Value:
+        """int32 [batch]: the last position of each row, `cache_lengths + sequence - 1` where that input is
+        fed, `total - 1` for every row where it keeps its default of -1."""
+        lengths = add_initializer(self.graph, CACHE_LENGTHS, np.full(1, -1, np.int64))
+        lengths.shape = ir.Shape(["batch"])  # the default has one element; a feed has one per row
+        self.graph.inputs.append(lengths)
+        zero = add_initializer(self.graph, "attention.zero_int64", np.zeros(1, np.int64))
+        one = add_initializer(self.graph, "attention.one_int64_last", np.ones(1, np.int64))
+        fed = self.add(ir.node("GreaterOrEqual", [lengths, zero]))
+        per_row = self.add(ir.node("Sub", [self.add(ir.node("Add", [lengths, sequence])), one]))
+        shared = self.add(ir.node("Sub", [total, one]))
+        last = self.add(ir.node("Where", [fed, per_row, shared]))
+        last = self.add(ir.node("Expand", [last, batch]))
+        return self.add(ir.node("Cast", [last], attributes={"to": ir.DataType.INT32}))
 
     def input(self, name: str) -> ir.Value:
         for value in self.graph.inputs:

@@ -27,12 +27,14 @@ from runtime.ort_capi import (
     load_api,
 )
 from runtime.session import (
+    CACHE_LENGTHS,
     LOGITS_TO_KEEP,
     CacheState,
     SessionClosedError,
     SessionOptions,
     cache_kv_heads,
     check_prompt,
+    check_token_ids,
     decode_step,
     prefill_state,
 )
@@ -40,6 +42,7 @@ from runtime.session import (
 MODEL_FILE = "model.onnx"
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
 _LOGITS_TO_KEEP = LOGITS_TO_KEEP.encode()
+_CACHE_LENGTHS = CACHE_LENGTHS.encode()
 CACHE_MIN_POSITIONS = 256  # the smallest shared cache allocated; it doubles when full
 PROVIDERS = ("cpu", "cuda")
 _ENV_LOCK = threading.Lock()
@@ -115,6 +118,13 @@ class OrtSession:
         self._cache_heads = cache_kv_heads(self.facts)
         self._shares_cache = bool(options.provider == "cpu" and self._past_names
                                   and artifact.metrics.get("fusion", {}).get("attention") == "fused")
+        # Slots (continuous batching): a fixed cache of `slots` rows, each row its own sequence at its own
+        # length, run through the engine's `cache_lengths` input; one IoBinding per row range, made on first use.
+        self._has_cache_lengths = CACHE_LENGTHS in overridable
+        self.slot_buffers: list[np.ndarray] = []
+        self._slot_bindings: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        self._slot_run: list[int] = []  # OrtValues of the last slot run (its inputs and logits), released next run
+        self._slot_arrays: list[np.ndarray] = []
         self._closed = False
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -178,6 +188,7 @@ class OrtSession:
             return
         self._release_outputs()
         self._release_cache()
+        self._release_slots()
         api = self._api
         for value in self._logits_to_keep_values.values():
             api.ReleaseValue(value)
@@ -228,6 +239,83 @@ class OrtSession:
             self._api.ReleaseValue(value)
         self._cache, self._cache_values = [], []
 
+    # -- slots: rows of one fixed cache, each at its own length ------------------------------------------------
+
+    @property
+    def supports_slots(self) -> bool:
+        """Whether this engine runs rows of different lengths in one step (fused attention on the CPU)."""
+        return self._shares_cache and self._has_cache_lengths
+
+    def open_slots(self, slots: int, capacity: int) -> int:
+        """Allocate the slot cache once: `slots` rows of `capacity` positions per cache tensor; returns its bytes.
+        The buffers (`slot_buffers`, [slots, kv_heads, capacity, head_dim]) are the caller's to copy positions
+        in and out of between runs (the prefix cache)."""
+        self._check_open()
+        if not self.supports_slots:
+            raise BadInputError(f"engine {self.artifact.id} has no per-row cache lengths (unfused attention, or "
+                                "built before they existed); rebuild it with `python -m export.build`")
+        self._release_slots()
+        head_dim = self.facts["head_dim"]
+        self.slot_buffers = [np.zeros((slots, heads, capacity, head_dim), self._kv_dtype)
+                             for heads in self._cache_heads]
+        return sum(buffer.nbytes for buffer in self.slot_buffers)
+
+    def run_slots(self, first: int, input_ids: np.ndarray, lengths: np.ndarray, last_only: bool = True
+                  ) -> np.ndarray:
+        """One step over slot rows [first, first + batch): row r appends `input_ids[r]` after its `lengths[r]`
+        cached positions. Returns logits [batch, 1 or sequence, vocab], a view valid until the next run."""
+        self._check_open()
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        batch, sequence = ids.shape
+        check_token_ids(ids, self.facts)
+        capacity = self.slot_buffers[0].shape[2]
+        if int(lengths.max()) + sequence > capacity:
+            raise BadInputError(f"{int(lengths.max()) + sequence} positions exceed the slot capacity of {capacity}")
+        total = int(lengths.max()) + sequence
+        mask = (np.arange(total) < (lengths + sequence)[:, None]).astype(np.int64)
+        positions = lengths[:, None] + np.arange(sequence, dtype=np.int64)
+        binding = self._slot_binding(first, batch)
+        api = self._api
+        arrays = [ids, mask, positions, lengths]
+        values = [self._wrap(array) for array in arrays]
+        for name, value in zip((*STEP_INPUTS, _CACHE_LENGTHS), values):
+            api.BindInput(binding, name, value)
+        last_only = last_only and bool(self._logits_to_keep)
+        if self._logits_to_keep:
+            api.BindInput(binding, _LOGITS_TO_KEEP, self._logits_to_keep_values[last_only])
+        api.BindOutputToDevice(binding, *self._output_bindings[0])
+        api.RunWithBinding(self._session, None, binding)
+        for value in self._slot_run:
+            api.ReleaseValue(value)
+        outputs = self._bound_outputs(binding)  # logits, then references to the slot views (released next run)
+        self._slot_run, self._slot_arrays = [*values, *outputs], arrays
+        return self._logits_of(outputs[0], (batch, 1 if last_only else sequence))
+
+    def _slot_binding(self, first: int, batch: int) -> int:
+        """The IoBinding whose cache inputs and outputs are views of slot rows [first, first + batch)."""
+        key = (first, batch)
+        if key not in self._slot_bindings:
+            api = self._api
+            binding = api.out("CreateIoBinding", self._session).value
+            views = [self._wrap(buffer[first:first + batch]) for buffer in self.slot_buffers]
+            api.BindOutputToDevice(binding, *self._output_bindings[0])  # logits first among bound outputs
+            for past, value in zip(self._past_names, views):
+                api.BindInput(binding, past, value)
+                api.BindOutput(binding, past.replace(b"past_key_values.", b"present."), value)
+            self._slot_bindings[key] = (binding, views)
+        return self._slot_bindings[key][0]
+
+    def _release_slots(self) -> None:
+        api = self._api
+        for value in self._slot_run:
+            api.ReleaseValue(value)
+        for binding, views in self._slot_bindings.values():
+            for value in views:
+                api.ReleaseValue(value)
+            api.ReleaseIoBinding(binding)
+        self._slot_run, self._slot_arrays, self._slot_bindings, self.slot_buffers = [], [], {}, []
+
     # -- one step -----------------------------------------------------------------------------------------
 
     def _run(self, ids, mask, positions, past: list[int], owned: list[int], arrays: list, last_only: bool
@@ -252,17 +340,17 @@ class OrtSession:
         api.RunWithBinding(self._session, None, binding)
 
         stale = self._outputs + self._owned
-        self._outputs = self._bound_outputs()
+        self._outputs = self._bound_outputs(binding)
         self._owned = step_inputs + owned
         self._arrays = [ids, mask, positions, *arrays]
         release = api.ReleaseValue
         for value in stale:
             release(value)
-        return self._logits((ids.shape[0], 1 if last_only else ids.shape[1]))
+        return self._logits_of(self._outputs[0], (ids.shape[0], 1 if last_only else ids.shape[1]))
 
-    def _bound_outputs(self) -> list[int]:
+    def _bound_outputs(self, binding: int) -> list[int]:
         array, count = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()
-        self._api.GetBoundOutputValues(self._binding, self._allocator, ctypes.byref(array), ctypes.byref(count))
+        self._api.GetBoundOutputValues(binding, self._allocator, ctypes.byref(array), ctypes.byref(count))
         values = array[: count.value]
         self._api.AllocatorFree(self._allocator, array)
         return values
@@ -278,9 +366,9 @@ class OrtSession:
         return self._api.out("CreateTensorWithDataAsOrtValue", self._memory, address, nbytes, dims, len(shape),
                              ELEMENT_TYPES[array.dtype.name]).value
 
-    def _logits(self, input_shape) -> np.ndarray:
-        """Logits [batch, sequence, vocab] as a view of the first output's memory."""
-        self._api.GetTensorMutableData(self._outputs[0], ctypes.byref(self._data))
+    def _logits_of(self, value: int, input_shape) -> np.ndarray:
+        """Logits [batch, sequence, vocab] as a view of the OrtValue's memory."""
+        self._api.GetTensorMutableData(value, ctypes.byref(self._data))
         shape = (input_shape[0], input_shape[1], self._vocab)
         count = shape[0] * shape[1] * shape[2]
         memory = _memory_view(self._data.value, count * self._logits_dtype.itemsize, _PYBUF_WRITE)

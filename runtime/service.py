@@ -1,9 +1,30 @@
-"""One loaded engine serving many requests: a bounded queue with back-pressure, one worker thread that owns
-the Session, and static batching of requests that arrive together (left padding), with a switch to turn it
-off. Each request has its own generation state; the KV cache of a batch lives only while it runs.
+"""One loaded engine serving many requests: the object a service embeds (`python -m runtime.serve` is a thin
+HTTP layer over it).
 
-Thread safety: `Service.submit`, `Job.cancel` and `Metrics` are safe from any thread. A `Session` is not
-(one thread drives it: the worker here). `TextCodec` encode/decode is safe to share.
+    service = Service(runtime.open(artifact), ServiceConfig(max_batch=16))
+    job = service.submit(prompt_ids, GenerationConfig(max_new_tokens=64))
+    for event in job: ...            # from a thread: blocks per event
+    async for event in job: ...      # from a coroutine (submitted there): awaits per event
+    job.cancel()                     # any thread; the sequence frees its slot at the next step
+
+Events: `Event("prompt", [Token])` first where prompt log-probabilities were asked for, then `Event("token",
+Token)` per generated token, and last `Event("done", finish_reason)` ('stop', 'length', 'cancelled') or
+`Event("error", message)`.
+
+Schedulers (one worker thread owns the Session and runs one of them):
+- continuous (engines whose attention is fused; the default): a fixed set of KV-cache slots allocated once
+  (`max_batch` rows of `max_context` positions). Every step decodes all running sequences at their own
+  lengths (the engine's `cache_lengths` input); new requests are admitted at every step into free slots,
+  their prompts prefilled `prefill_chunk` tokens at a time between decode steps, so a running stream stalls
+  by at most one chunk. Prompt prefixes seen before come from the prefix cache (runtime/prefix_cache.py)
+  instead of being prefilled again. Each request samples with its own settings.
+- static (engines without per-row lengths, or `continuous=False`): requests that arrive together and
+  sample alike run as one left-padded batch to the end; the KV cache lives only while the batch runs.
+
+Thread safety: `Service.submit`, `Service.close`, `Job.cancel` and iterating a Job are safe from any thread
+(a job is iterated by one consumer). The Session is used only by the worker thread.
+Memory: the slot cache and the prefix cache are allocated at start and never grow (`memory()` reports
+them); the queue holds at most `queue_size` requests (more are refused with QueueFullError).
 """
 
 from __future__ import annotations
@@ -15,38 +36,86 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
-from runtime.errors import LmforgeError
-from runtime.generate import GenerationConfig, generate
+import numpy as np
+
+from runtime.errors import BadInputError, LmforgeError
+from runtime.generate import GenerationConfig, Sampler, generate
+from runtime.prefix_cache import PrefixCache
 from runtime.session import Session
+
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 
 
 class QueueFullError(LmforgeError):
     """More requests than the queue holds; the client should retry later (HTTP 429)."""
 
 
-class _Cancelled(Exception):
-    pass
+class ServiceClosedError(LmforgeError):
+    """The service is shutting down and takes no new requests (HTTP 503)."""
 
 
-_STOP = object()  # put on the queue by close(): the worker finishes its batch and ends
+@dataclass(frozen=True)
+class ServiceConfig:
+    # Sequences decoded together: the continuous scheduler's slots, the static scheduler's largest batch.
+    max_batch: int = 16
+    # Positions per slot (prompt + generated); None: the model's context, at most DEFAULT_MAX_CONTEXT.
+    max_context: int | None = None
+    # Prompt tokens prefilled per step: a running stream waits at most one chunk for a newcomer's prefill.
+    prefill_chunk: int = 128
+    # Memory for prompt prefixes' KV blocks; 0 turns the prefix cache off.
+    prefix_cache_mb: float = 256
+    # Requests waiting for a slot at most; more get QueueFullError (429).
+    queue_size: int = 64
+    # False: the static scheduler even where the engine could batch continuously (for comparison).
+    continuous: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_batch", "prefill_chunk", "queue_size"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_context is not None and self.max_context < 2:
+            raise BadInputError(f"max-context must be at least 2, got {self.max_context}")
+        if self.prefix_cache_mb < 0:
+            raise BadInputError(f"prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
 
 
-@dataclass
+DEFAULT_MAX_CONTEXT = 2048  # per slot: with 16 slots, 1.5 GB of fp32 KV for the default model
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None  # log-probability under the model (no temperature), where asked for
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their log-probabilities
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # 'prompt', 'token', 'done' or 'error'
+    value: object
+
+
+@dataclass(eq=False)
 class Job:
-    """A request in flight. Events arrive on `events` (an asyncio queue of the caller's loop):
-    ('token', id), then ('done', finish_reason) or ('error', message)."""
+    """A request in flight. `logprobs`: None for none, k for each token's log-probability and the k most
+    likely alternatives; `prompt_logprobs`: the log-probability of every prompt token after the first (how
+    evaluation harnesses score a served model; such prompts bypass the prefix cache)."""
 
     prompt: list[int]
     config: GenerationConfig
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     first_token: float | None = None
+    cached_tokens: int = 0  # prompt positions that came from the prefix cache
     tokens: list[int] = field(default_factory=list)
+    prompt_scores: list[Token] = field(default_factory=list)
     finished: bool = False
     _cancel: threading.Event = field(default_factory=threading.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _events: object = None  # asyncio.Queue on the submitting loop, else queue.Queue
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -55,26 +124,68 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def _attach(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._events = asyncio.Queue()
+        except RuntimeError:  # submitted from a plain thread
+            self._events = queue.Queue()
+
     def post(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        event = Event(kind, value)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        else:
+            self._events.put(event)
+
+    def __iter__(self):
+        while True:
+            event = self._events.get()
+            yield event
+            if event.kind in ("done", "error"):
+                return
+
+    async def __aiter__(self):
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.kind in ("done", "error"):
+                return
 
 
-def batch_key(config: GenerationConfig) -> tuple:
-    """Requests batch together when they sample alike (each keeps its own max_tokens)."""
-    return replace(config, max_new_tokens=0)
+_STOP = object()  # put on the queue by close(): the worker finishes what runs and ends
 
 
 class Service:
-    def __init__(self, session: Session, metrics=None, queue_size: int = 64, max_batch: int = 8,
-                 batching: bool = True):
-        self.session, self.metrics = session, metrics
-        self.max_batch = max_batch if batching else 1
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._held = None  # taken from the queue but not batchable with the running batch (or _STOP)
-        self._worker = threading.Thread(target=self._run, name="lmforge-service", daemon=True)
+    def __init__(self, session: Session, config: ServiceConfig = ServiceConfig(), metrics=None):
+        config.validate()
+        self.session, self.config, self.metrics = session, config, metrics
+        facts = session.artifact.model_facts
+        model_context = facts.get("max_context") or DEFAULT_MAX_CONTEXT
+        self.max_context = min(config.max_context or DEFAULT_MAX_CONTEXT, model_context)
+        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._closing = False
+        if not config.continuous:
+            self.scheduler, self.why = "static", "continuous batching is off (--no-continuous-batching)"
+        elif not getattr(session, "supports_slots", False):
+            self.scheduler, self.why = "static", ("the engine has no per-row cache lengths (attention not fused, "
+                                                  "or built before they existed): static batching")
+        else:
+            self.scheduler, self.why = "continuous", "continuous batching over fixed KV slots"
+        runner = _Continuous(self) if self.scheduler == "continuous" else _Static(self)
+        self._runner = runner
+        self._worker = threading.Thread(target=runner.run, name="lmforge-service", daemon=True)
         self._worker.start()
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, prompt: list[int], config: GenerationConfig, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Job:
+        """Queue a request; raises BadInputError (it can never run), QueueFullError or ServiceClosedError."""
+        config.validate()
+        job = Job(list(prompt), config, logprobs, prompt_logprobs)
+        self._check(job)
+        if self._closing:
+            raise ServiceClosedError("the service is shutting down; retry on another replica")
+        job._attach()
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -83,15 +194,273 @@ class Service:
             raise QueueFullError(f"the queue holds {self._queue.maxsize} requests already; retry later") from None
         return job
 
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._worker.join(timeout=30)
+    def _check(self, job: Job) -> None:
+        if not job.prompt:
+            raise BadInputError("empty prompt: pass at least one token")
+        vocab = self.session.artifact.model_facts["vocab_size"]
+        if min(job.prompt) < 0 or max(job.prompt) >= vocab:
+            raise BadInputError(f"a prompt token id is outside the vocabulary [0, {vocab}); encode text with the "
+                                "model's tokenizer")
+        needed = len(job.prompt) + job.config.max_new_tokens - 1
+        if needed > self.max_context:
+            raise BadInputError(f"the prompt has {len(job.prompt)} tokens; with max_tokens "
+                                f"{job.config.max_new_tokens} that exceeds the context of {self.max_context} tokens; "
+                                "shorten it or ask for fewer tokens")
+        if job.logprobs is not None and not 0 <= job.logprobs <= MAX_TOP_LOGPROBS:
+            raise BadInputError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {job.logprobs}")
+        if (job.logprobs is not None or job.prompt_logprobs) and self.scheduler != "continuous":
+            raise BadInputError(f"log-probabilities need continuous batching, and this service runs static "
+                                f"batching ({self.why})")
 
-    # -- the worker -----------------------------------------------------------------------------------------
+    def memory(self) -> dict:
+        """Bytes the service allocated at start: the slot KV cache and the prefix cache."""
+        return self._runner.memory()
 
-    def _run(self) -> None:
+    def stats(self) -> dict:
+        """What /health shows: the scheduler, its memory and occupancy."""
+        return {"scheduler": self.scheduler, "why": self.why, "max_batch": self.config.max_batch,
+                "max_context": self.max_context, "queued": self._queue.qsize()} | self._runner.stats()
+
+    def close(self, timeout: float = 30) -> None:
+        """Take no new requests, let the running ones finish (up to `timeout` seconds, then cancel them)."""
+        self._closing = True
+        self._runner.deadline = time.perf_counter() + timeout
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self._worker.join(timeout=timeout + 5)
+
+
+def _fail(job: Job, exc: Exception) -> None:
+    message = str(exc) if isinstance(exc, LmforgeError) else f"internal error: {type(exc).__name__}: {exc}"
+    job.finished = True
+    job.post("error", message)
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def scored(token: int, row: np.ndarray, top: int | None) -> Token:
+    """The token with its log-probability and the `top` most likely alternatives (None: none asked for)."""
+    if top is None:
+        return Token(token)
+    logp = log_softmax(row)
+    best = np.argpartition(-logp, top)[:top] if top else np.array([], np.int64)
+    best = best[np.argsort(-logp[best])]
+    return Token(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in best))
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    job: Job | None = None
+    length: int = 0  # positions in the slot's cache
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    sampler: Sampler | None = None
+    stop: frozenset = frozenset()
+    next_token: int = 0  # what the next decode step feeds
+    admitted: int = 0  # admission order: prefill is first come, first served
+
+
+class _Continuous:
+    def __init__(self, service: Service):
+        self.service = service
+        self.session = service.session
+        self.config = service.config
+        self.kv_bytes = self.session.open_slots(self.config.max_batch, service.max_context)
+        budget = int(self.config.prefix_cache_mb * 2**20)
+        self.prefix = PrefixCache(self.session.slot_buffers, budget) if budget else None
+        if self.prefix is not None and self.prefix.capacity == 0:
+            self.prefix = None
+        self.slots = [_Slot(i) for i in range(self.config.max_batch)]
+        self.eos = frozenset(self.session.artifact.model_facts["eos_token_ids"])
+        self.deadline: float | None = None
+        self._stopping = False
+        self._admitted = 0
+
+    def memory(self) -> dict:
+        return {"kv_cache_bytes": self.kv_bytes, "prefix_cache_bytes": self.prefix.bytes if self.prefix else 0}
+
+    def stats(self) -> dict:
+        active = [s for s in self.slots if s.job is not None]
+        prefix = ({"blocks": self.prefix.blocks, "capacity_blocks": self.prefix.capacity,
+                   "hit_tokens": self.prefix.hit_tokens, "query_tokens": self.prefix.query_tokens}
+                  if self.prefix else None)
+        return {"slots_active": len(active), "prefilling": sum(1 for s in active if s.pending),
+                "prefix_cache": prefix} | self.memory()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
         while True:
-            first = self._held if self._held is not None else self._queue.get()
+            busy = any(s.job is not None for s in self.slots)
+            if self._stopping and not busy:
+                return
+            self._admit(block=not busy)
+            self._drop_cancelled()
+            try:
+                self._prefill_one_chunk()
+                self._decode()
+            except Exception as exc:  # fails the running requests, never the worker: later ones still run
+                for slot in self.slots:
+                    if slot.job is not None:
+                        _fail(slot.job, exc)
+                        self._free(slot)
+
+    def _admit(self, block: bool) -> None:
+        free = [s for s in self.slots if s.job is None]
+        while free and not self._stopping:
+            try:
+                job = self.service._queue.get(block=block and len(free) == len(self.slots))
+            except queue.Empty:
+                return
+            if job is _STOP:
+                self._stopping = True
+                self._refuse_queued()
+                return
+            if job.cancelled:
+                job.finished = True
+                job.post("done", "cancelled")
+                continue
+            self._start(free.pop(0), job)
+        if self._stopping and self.deadline is not None and time.perf_counter() > self.deadline:
+            for slot in self.slots:
+                if slot.job is not None:
+                    slot.job.cancel()
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                job = self.service._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                _fail(job, ServiceClosedError("the service shut down before this request started; retry"))
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        job.started = time.perf_counter()
+        config = job.config
+        slot.job, slot.sampler, slot.length = job, Sampler(config), 0
+        slot.stop = self.eos if config.stop_token_ids is None else frozenset(config.stop_token_ids)
+        self._admitted += 1
+        slot.admitted = self._admitted
+        if self.prefix is not None and not job.prompt_logprobs:
+            slot.length = self.prefix.load(self.prefix.lookup(job.prompt), slot.index)
+            if self.service.metrics is not None:
+                self.service.metrics.prefix_lookup(len(job.prompt), slot.length)
+        job.cached_tokens = slot.length
+        slot.pending = job.prompt[slot.length:]
+        if job.prompt_logprobs:
+            job.prompt_scores = [Token(job.prompt[0])]  # the first token has no log-probability
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                slot.job.finished = True
+                slot.job.post("done", "cancelled")
+                if self.service.metrics is not None:
+                    self.service.metrics.cancelled()
+                self._free(slot)
+
+    def _free(self, slot: _Slot) -> None:
+        slot.job, slot.sampler, slot.pending, slot.length = None, None, [], 0
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def _prefill_one_chunk(self) -> None:
+        waiting = [s for s in self.slots if s.job is not None and s.pending]
+        if not waiting:
+            return
+        slot = min(waiting, key=lambda s: s.admitted)
+        job = slot.job
+        chunk = slot.pending[: self.config.prefill_chunk]
+        logits = self.session.run_slots(slot.index, np.array([chunk]), np.array([slot.length]),
+                                        last_only=not job.prompt_logprobs)
+        if job.prompt_logprobs:
+            after = job.prompt[slot.length + 1: slot.length + len(chunk) + 1]  # the tokens these positions predict
+            job.prompt_scores += [scored(t, logits[0, i], job.logprobs or 0) for i, t in enumerate(after)]
+        slot.length += len(chunk)
+        slot.pending = slot.pending[len(chunk):]
+        if slot.pending:
+            return
+        if self.prefix is not None:
+            self.prefix.store(job.prompt, slot.index)
+        if job.prompt_logprobs:
+            job.post("prompt", job.prompt_scores)
+        self._accept(slot, logits[0, -1])
+
+    def _decode(self) -> None:
+        running = [s for s in self.slots if s.job is not None and not s.pending and s.length > 0]
+        if not running:
+            return
+        rows = max(s.index for s in running) + 1
+        ids = np.zeros((rows, 1), np.int64)
+        lengths = np.zeros(rows, np.int64)
+        for slot in self.slots[:rows]:
+            # A slot mid-prefill runs along at its own length: the position it writes is its next chunk's first.
+            lengths[slot.index] = slot.length
+        for slot in running:
+            ids[slot.index, 0] = slot.next_token
+        logits = self.session.run_slots(0, ids, lengths)[:, 0]
+        greedy = logits.argmax(axis=-1)
+        for slot in running:
+            slot.length += 1
+            self._accept(slot, logits[slot.index], int(greedy[slot.index]))
+
+    def _accept(self, slot: _Slot, row: np.ndarray, greedy: int | None = None) -> None:
+        """Sample the slot's next token from its logits row, hand it to the client, finish if it ends."""
+        job = slot.job
+        token = greedy if greedy is not None and job.config.temperature == 0 else int(slot.sampler(row[None])[0])
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+        job.tokens.append(token)
+        job.post("token", scored(token, row, job.logprobs))
+        slot.next_token = token
+        if token in slot.stop:
+            self._finish(slot, "stop")
+        elif len(job.tokens) >= job.config.max_new_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        job = slot.job
+        job.finished = True
+        job.post("done", reason)
+        if self.service.metrics is not None:
+            self.service.metrics.observe(job)
+        self._free(slot)
+
+
+def batch_key(config: GenerationConfig) -> tuple:
+    """Requests batch together when they sample alike (each keeps its own max_tokens)."""
+    return replace(config, max_new_tokens=0)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Static:
+    """Requests that arrive together and sample alike run as one left-padded batch to its end."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.max_batch = service.config.max_batch
+        self._held = None  # taken from the queue but not batchable with the running batch (or _STOP)
+        self.deadline: float | None = None
+
+    def memory(self) -> dict:
+        return {"kv_cache_bytes": 0, "prefix_cache_bytes": 0}  # the cache lives only while a batch runs
+
+    def stats(self) -> dict:
+        return self.memory()
+
+    def run(self) -> None:
+        while True:
+            first = self._held if self._held is not None else self.service._queue.get()
             self._held = None
             if first is _STOP:
                 return
@@ -108,7 +477,7 @@ class Service:
         batch, key = [first], batch_key(first.config)
         while len(batch) < self.max_batch:
             try:
-                job = self._queue.get_nowait()
+                job = self.service._queue.get_nowait()
             except queue.Empty:
                 break
             if job is _STOP or batch_key(job.config) != key:
@@ -132,32 +501,30 @@ class Service:
             if job.first_token is None:
                 job.first_token = time.perf_counter()
             job.tokens.append(token)
-            job.post("token", token)
+            job.post("token", Token(token))
             if len(job.tokens) >= job.config.max_new_tokens:
                 self._finish(job, "length")
 
         try:
-            result = generate(self.session, [job.prompt for job in jobs], config, on_token=on_token)
+            result = generate(self.service.session, [job.prompt for job in jobs], config, on_token=on_token)
             for job, reason in zip(jobs, result.finish_reasons):
                 if not job.finished and not job.cancelled:
                     self._finish(job, reason)
         except _Cancelled:
             pass
         except Exception as exc:  # fails this batch, never the worker: its clients would wait forever
-            message = str(exc) if isinstance(exc, LmforgeError) else f"internal error: {type(exc).__name__}: {exc}"
             for job in jobs:
                 if not job.finished:
-                    job.finished = True
-                    job.post("error", message)
+                    _fail(job, exc)
         for job in jobs:
             if job.cancelled and not job.finished:
                 job.finished = True
                 job.post("done", "cancelled")
-                if self.metrics is not None:
-                    self.metrics.cancelled()
+                if self.service.metrics is not None:
+                    self.service.metrics.cancelled()
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = True
         job.post("done", reason)
-        if self.metrics is not None:
-            self.metrics.observe(job)
+        if self.service.metrics is not None:
+            self.service.metrics.observe(job)

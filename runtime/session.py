@@ -32,6 +32,9 @@ class SessionOptions:
 
 # The engines' optional input (a default of 0: every position) that asks for the last n positions' logits.
 LOGITS_TO_KEEP = "logits_to_keep"
+# The fused engines' optional input (int64 [batch], default [-1]: every row as long as the mask) giving each
+# row's cached positions, so one step runs rows of different lengths (engines/fusion.py; the service's slots).
+CACHE_LENGTHS = "cache_lengths"
 
 
 class Session(Protocol):
