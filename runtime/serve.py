@@ -2,8 +2,9 @@
 
 /v1/completions and /v1/chat/completions (streaming by server-sent events, or whole), /v1/models, /health and
 /metrics (Prometheus, with the OpenTelemetry gen_ai metric names where they exist). Loopback by default.
-Starlette + uvicorn: a small, well-kept ASGI stack; the engine work runs on the service's worker thread, so
-the event loop only moves bytes.
+A thin HTTP layer: requests are parsed by runtime/openai_api.py and run by the Service (runtime/service.py:
+continuous batching, prefix cache), whose worker thread does the engine work, so the event loop only moves
+bytes. Starlette + uvicorn: a small, well-kept ASGI stack.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from runtime import artifact as artifacts
 from runtime.errors import LmforgeError
-from runtime.generate import GenerationConfig
-from runtime.service import Job, QueueFullError, Service
+from runtime.openai_api import (
+    ApiError,
+    Budget,
+    Completion,
+    StopText,
+    chat_logprob_entry,
+    completion_logprobs,
+    parse,
+    usage,
+)
+from runtime.service import DEFAULT_MAX_CONTEXT, Job, QueueFullError, Service, ServiceClosedError, ServiceConfig
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
 from runtime.text import load_codec
@@ -57,6 +67,23 @@ class Metrics:
         self.tokens = prom.Counter("gen_ai_client_token_usage", "Tokens processed", ["gen_ai_token_type"],
                                    registry=self.registry)
         self.requests = prom.Counter("lmforge_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.prefix_query = prom.Counter("lmforge_prefix_cache_query_tokens", "Prompt tokens looked up in the "
+                                         "prefix cache", registry=self.registry)
+        self.prefix_hit = prom.Counter("lmforge_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                                       registry=self.registry)
+
+    def watch(self, service: Service) -> None:
+        """Gauges read from the service at each scrape."""
+        if self.registry is None:
+            return
+        for key, doc in (("slots_active", "Sequences holding a KV slot"), ("queued", "Requests waiting for a slot")):
+            gauge = self.prom.Gauge(f"lmforge_{key}", doc, registry=self.registry)
+            gauge.set_function(lambda key=key: service.stats().get(key, 0))
+
+    def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        if self.registry is not None:
+            self.prefix_query.inc(prompt_tokens)
+            self.prefix_hit.inc(hit_tokens)
 
     def observe(self, job: Job) -> None:
         if self.registry is None:
@@ -87,17 +114,27 @@ class Metrics:
         return self.prom.generate_latest(self.registry), self.prom.CONTENT_TYPE_LATEST
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
 def error_response(error: ApiError):
     from starlette.responses import JSONResponse
 
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
-    return JSONResponse(body, status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One sampled answer: its job's tokens as text, cut at a stop string, and what was streamed of it."""
+
+    index: int
+    job: Job
+    stop: StopText
+    tokens: list = field(default_factory=list)
+    sent: str = ""
+    reason: str | None = None
+    prompt_scores: list | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
 
 
 class Server:
@@ -105,12 +142,15 @@ class Server:
         self.artifact, self.name, self.service, self.limits = artifact, name, service, limits
         self.codec = load_codec(artifact)
         self.facts = artifact.model_facts
+        self.budget = Budget(limits.max_tokens, limits.max_prompt_tokens, service.max_context)
 
     # -- request parsing ----------------------------------------------------------------------------------
 
     async def body(self, request) -> dict:
-        size = int(request.headers.get("content-length") or 0)
-        if size > self.limits.max_body_bytes:
+        size = request.headers.get("content-length") or "0"
+        if not size.isdigit():
+            raise ApiError(400, f"content-length {size!r} is not a number")
+        if int(size) > self.limits.max_body_bytes:
             raise ApiError(413, f"request body of {size} bytes exceeds {self.limits.max_body_bytes}")
         raw = await request.body()
         if len(raw) > self.limits.max_body_bytes:
@@ -119,53 +159,41 @@ class Server:
             body = json.loads(raw)
         except ValueError as exc:
             raise ApiError(400, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the JSON body is nested too deeply") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise ApiError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
         model = body.get("model")
         if model not in (self.name, self.artifact.id):
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}",
                            "not_found_error", "model")
         return body
 
-    def config(self, body: dict, prompt: list[int]) -> GenerationConfig:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.limits.max_tokens:
-            raise ApiError(400, f"max_tokens must be an integer in [1, {self.limits.max_tokens}], got {max_tokens!r}",
-                           param="max_tokens")
-        context = min(self.facts.get("max_context") or 1 << 30, self.limits.max_prompt_tokens + max_tokens)
-        if len(prompt) > self.limits.max_prompt_tokens or len(prompt) + max_tokens - 1 > context:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; with max_tokens {max_tokens} that exceeds the "
-                           f"context of {context} tokens; shorten it", param="messages")
-        temperature = body.get("temperature", 1.0 if body.get("top_p") not in (None, 1, 1.0) else 0.0)
-        top_p = body.get("top_p", 1.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ApiError(400, f"temperature must be in [0, 2], got {temperature!r}", param="temperature")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ApiError(400, f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
-        # `ignore_eos` (as vLLM spells it): generate exactly max_tokens, for benchmarks and load tests.
-        stop = () if body.get("ignore_eos") else tuple(self.facts["eos_token_ids"])
-        return GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                seed=body.get("seed"), stop_token_ids=stop)
+    def parse(self, body: dict, chat: bool) -> Completion:
+        if chat and not self.facts.get("chat_template"):
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            return parse(body, chat, self.codec.encode, self.codec.render_chat, self.budget,
+                         tuple(self.facts["eos_token_ids"]))
+        except LmforgeError as exc:  # the chat template refused the conversation
+            raise ApiError(400, str(exc), param="messages") from None
 
-    def prompt_of(self, body: dict, chat: bool) -> list[int]:
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-                raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-            if not self.facts.get("chat_template"):
-                raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-            text = self.codec.render_chat(messages, add_generation_prompt=True)
-        else:
-            text = body.get("prompt")
-            if isinstance(text, list) and len(text) == 1:
-                text = text[0]
-            if not isinstance(text, str) or not text:
-                raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        ids = self.codec.encode(text)
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
-        return ids
+    def submit(self, completion: Completion) -> list[_Choice]:
+        """One job per prompt and sample; all or none are queued."""
+        choices = []
+        try:
+            for prompt in completion.prompts:
+                for sample in range(completion.n):
+                    seed = completion.config.seed
+                    config = completion.config if seed is None else replace(completion.config, seed=seed + sample)
+                    job = self.service.submit(prompt, config, completion.logprobs,
+                                              prompt_logprobs=completion.echo and completion.logprobs is not None)
+                    choices.append(_Choice(len(choices), job, StopText(completion.stop)))
+        except BaseException:
+            for choice in choices:
+                choice.job.cancel()
+            raise
+        return choices
 
     # -- endpoints ------------------------------------------------------------------------------------------
 
@@ -173,81 +201,158 @@ class Server:
         from starlette.responses import JSONResponse, StreamingResponse
 
         try:
-            body = await self.body(request)
-            prompt = self.prompt_of(body, chat)
-            config = self.config(body, prompt)
-            job = self.service.submit(Job(prompt, config, asyncio.get_running_loop()))
+            completion = self.parse(await self.body(request), chat)
+            choices = self.submit(completion)
         except ApiError as exc:
             return error_response(exc)
         except QueueFullError as exc:
             return error_response(ApiError(429, str(exc), "rate_limit_error"))
-        if body.get("stream"):
-            return StreamingResponse(self._stream(job, chat), media_type="text/event-stream")
+        except ServiceClosedError as exc:
+            return error_response(ApiError(503, str(exc), "server_error"))
+        except LmforgeError as exc:  # the service found the request cannot run (context, vocabulary)
+            return error_response(ApiError(400, str(exc)))
+        if completion.stream:
+            return StreamingResponse(self._stream(completion, choices), media_type="text/event-stream")
         try:
-            tokens, reason = await self._collect(job)
+            async for _ in self._events(completion, choices):
+                pass
         except LmforgeError as exc:
             return error_response(ApiError(500, str(exc), "server_error"))
         finally:
-            job.cancel()  # no-op when finished; frees the slot when the client went away
-        return JSONResponse(self._whole(job, self.codec.decode(tokens), reason, chat))
+            for choice in choices:
+                choice.job.cancel()  # no-op when finished; frees the slot when the client went away
+        return JSONResponse(self._whole(completion, choices))
 
-    async def _collect(self, job: Job) -> tuple[list[int], str]:
-        tokens = []
-        while True:
-            kind, value = await job.events.get()
-            if kind == "token":
-                tokens.append(value)
-            elif kind == "error":
-                raise LmforgeError(value)
-            else:
-                return tokens, value
+    async def _events(self, completion: Completion, choices: list[_Choice]):
+        """(choice, new text, token or None) as the jobs produce them, until every choice has a reason."""
+        merged: asyncio.Queue = asyncio.Queue()
 
-    def _whole(self, job: Job, text: str, reason: str, chat: bool) -> dict:
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.prompt) + len(job.tokens)}
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}", "created": int(time.time()), "model": self.name,
-                "usage": usage}
-        if chat:
-            return base | {"object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}]}
-        return base | {"object": "text_completion", "choices": [
-            {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+        async def follow(choice: _Choice):
+            async for event in choice.job:
+                await merged.put((choice, event))
 
-    async def _stream(self, job: Job, chat: bool):
-        created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{job.id}"
-        tokens, sent = [], ""
+        tasks = [asyncio.ensure_future(follow(choice)) for choice in choices]
+        try:
+            while any(choice.reason is None for choice in choices):
+                choice, event = await merged.get()
+                if choice.reason is not None:
+                    continue
+                if event.kind == "error":
+                    raise LmforgeError(event.value)
+                if event.kind == "prompt":
+                    choice.prompt_scores = event.value
+                elif event.kind == "token":
+                    choice.tokens.append(event.value)
+                    yield choice, self._advance(choice, True), event.value
+                else:
+                    choice.reason = event.value
+                    yield choice, self._advance(choice, False), None
+        finally:
+            for task in tasks:
+                task.cancel()
 
-        def chunk(text: str | None, reason: str | None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": text} if text is not None else {}
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
-                payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                           "choices": [choice]}
-            else:
-                payload = {"id": ident, "object": "text_completion", "created": created, "model": self.name,
-                           "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
+    def _advance(self, choice: _Choice, held: bool) -> str:
+        """The choice's text not yet sent; a stop string ends the choice. `held`: keep back a tail that may
+        still become a stop string or a whole character."""
+        text = self.codec.decode(choice.ids)
+        cut = choice.stop.cut(text)
+        if choice.stop.hit:
+            choice.reason = "stop"
+            choice.job.cancel()
+        elif held:
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                return ""
+            cut = choice.stop.safe(text)
+        if not cut.startswith(choice.sent):  # what was sent stays sent (a tokenizer never rewrites it)
+            return ""
+        new, choice.sent = cut[len(choice.sent):], cut
+        return new
+
+    def _prompt_text(self, completion: Completion, choice: _Choice) -> str:
+        prompt = completion.prompts[choice.index // completion.n]
+        given = completion.prompt_texts[choice.index // completion.n]
+        return given if given is not None else self.codec.decode(prompt)
+
+    def _usage(self, completion: Completion, choices: list[_Choice]) -> dict:
+        prompt_tokens = sum(len(p) for p in completion.prompts)
+        cached = sum(c.job.cached_tokens for c in choices[:: completion.n])
+        return usage(prompt_tokens, sum(len(c.tokens) for c in choices), cached)
+
+    def _whole(self, completion: Completion, choices: list[_Choice]) -> dict:
+        base = {"id": f"{'chatcmpl' if completion.chat else 'cmpl'}-{choices[0].job.id}", "created": int(time.time()),
+                "model": self.name, "usage": self._usage(completion, choices)}
+        if completion.chat:
+            return base | {"object": "chat.completion", "choices": [self._chat_choice(completion, c) for c in choices]}
+        return base | {"object": "text_completion", "choices": [self._text_choice(completion, c) for c in choices]}
+
+    def _chat_choice(self, completion: Completion, choice: _Choice) -> dict:
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = {"content": [chat_logprob_entry(t, self._token_text) for t in choice.tokens]}
+        return {"index": choice.index, "message": {"role": "assistant", "content": choice.sent},
+                "logprobs": logprobs, "finish_reason": choice.reason}
+
+    def _text_choice(self, completion: Completion, choice: _Choice) -> dict:
+        prompt_text = self._prompt_text(completion, choice) if completion.echo else ""
+        logprobs = None
+        if completion.logprobs is not None:
+            scores = (choice.prompt_scores or []) if completion.echo else []
+            logprobs = completion_logprobs(scores + choice.tokens, self._token_text)
+        return {"index": choice.index, "text": prompt_text + choice.sent, "finish_reason": choice.reason,
+                "logprobs": logprobs}
+
+    def _token_text(self, token: int) -> str:
+        return self.codec.tokenizer.decode([token], skip_special_tokens=False)
+
+    async def _stream(self, completion: Completion, choices: list[_Choice]):
+        created, ident = int(time.time()), f"{'chatcmpl' if completion.chat else 'cmpl'}-{choices[0].job.id}"
+        kind = "chat.completion.chunk" if completion.chat else "text_completion"
+
+        def chunk(choice_payloads: list[dict], usage_payload=None) -> str:
+            payload = {"id": ident, "object": kind, "created": created, "model": self.name, "choices": choice_payloads}
+            if completion.include_usage:
+                payload["usage"] = usage_payload
             return f"data: {json.dumps(payload)}\n\n"
 
         try:
-            while True:
-                kind, value = await job.events.get()
-                if kind == "token":
-                    tokens.append(value)
-                    text = self.codec.decode(tokens)
-                    if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                        continue
-                    if len(text) > len(sent):
-                        yield chunk(text[len(sent):], None)
-                        sent = text
-                elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                    return
-                else:
-                    yield chunk(None, value)
-                    yield "data: [DONE]\n\n"
-                    return
+            for choice in choices:  # each choice opens with its role (chat) or the echoed prompt (completions)
+                if completion.chat:
+                    yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                elif completion.echo and completion.logprobs is None:
+                    yield chunk([{"index": choice.index, "text": self._prompt_text(completion, choice),
+                                  "logprobs": None, "finish_reason": None}])
+            async for choice, text, token in self._events(completion, choices):
+                payload = self._stream_choice(completion, choice, text, token)
+                if payload is not None:
+                    yield chunk([payload])
+            if completion.include_usage:
+                yield chunk([], self._usage(completion, choices))
+            yield "data: [DONE]\n\n"
+        except LmforgeError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
         finally:
-            job.cancel()  # a client that disconnects mid-stream cancels its request and frees its state
+            for choice in choices:
+                choice.job.cancel()  # a client that disconnects mid-stream cancels its requests and frees their slots
+
+    def _stream_choice(self, completion: Completion, choice: _Choice, text: str, token) -> dict | None:
+        finished = choice.reason if token is None or choice.reason == "stop" else None
+        if not text and token is None and finished is None:
+            return None
+        if completion.chat:
+            logprobs = None
+            if completion.logprobs is not None and token is not None:
+                logprobs = {"content": [chat_logprob_entry(token, self._token_text)]}
+            delta = {"content": text} if text or finished is None else {}
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finished}
+        logprobs = None
+        if completion.logprobs is not None:
+            scores = [token] if token is not None else []
+            if completion.echo and choice.prompt_scores is not None and len(choice.tokens) == 1 and token is not None:
+                scores = choice.prompt_scores + scores
+                text = self._prompt_text(completion, choice) + text
+            logprobs = completion_logprobs(scores, self._token_text)
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finished}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "lmforge",
@@ -255,13 +360,15 @@ class Server:
 
 
 def create_app(artifact: artifacts.Artifact, name: str | None = None, options: SessionOptions | None = None,
-               limits: Limits = Limits(), queue_size: int = 64, max_batch: int = 8, batching: bool = True):
+               limits: Limits = Limits(), service_config: ServiceConfig = ServiceConfig()):
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    service_config.validate()  # before the engine loads
     metrics = Metrics()
-    service = Service(open_session(artifact, options or SessionOptions()), metrics, queue_size, max_batch, batching)
+    service = Service(open_session(artifact, options or SessionOptions()), service_config, metrics)
+    metrics.watch(service)
     server = Server(artifact, name or artifact.id, service, limits)
 
     async def completions(request):
@@ -271,7 +378,7 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
         return await server.completions(request, chat=True)
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": server.name, "engine": artifact.id})
+        return JSONResponse({"status": "ok", "model": server.name, "engine": artifact.id} | service.stats())
 
     async def models(request):
         return JSONResponse(server.models())
@@ -294,6 +401,14 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
     return app
 
 
+def startup_line(service: Service) -> str:
+    stats = service.stats()
+    memory = (f"KV cache {stats['kv_cache_bytes'] / 2**20:.0f} MiB ({service.config.max_batch} slots x "
+              f"{service.max_context} positions), prefix cache {stats['prefix_cache_bytes'] / 2**20:.0f} MiB"
+              if service.scheduler == "continuous" else "KV cache per batch while it runs")
+    return f"lmforge: {service.scheduler} batching ({service.why}); {memory}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
@@ -301,9 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default=None, help="the model name clients send (default: the engine id)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--queue-size", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--no-batching", action="store_true", help="one request at a time")
+    defaults = ServiceConfig()
+    parser.add_argument("--queue-size", type=int, default=defaults.queue_size)
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="KV slots: sequences decoded together")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help=f"positions per slot (default: the model's context, at most {DEFAULT_MAX_CONTEXT})")
+    parser.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk,
+                        help="prompt tokens prefilled per step: the most a running stream stalls for a newcomer")
+    parser.add_argument("--prefix-cache-mb", type=float, default=defaults.prefix_cache_mb,
+                        help="memory for cached prompt prefixes (0: off)")
+    parser.add_argument("--no-continuous-batching", action="store_true",
+                        help="static batching: a batch runs to its end before the next starts (for comparison)")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens)
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     args = parser.parse_args(argv)
@@ -315,11 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads) if args.threads else SessionOptions()
-        app = create_app(art, args.name, options, Limits(args.max_tokens, args.max_prompt_tokens),
-                         args.queue_size, args.max_batch, not args.no_batching)
+        config = ServiceConfig(max_batch=args.max_batch, max_context=args.max_context,
+                               prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb,
+                               queue_size=args.queue_size, continuous=not args.no_continuous_batching)
+        app = create_app(art, args.name, options, Limits(args.max_tokens, args.max_prompt_tokens), config)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    print(startup_line(app.state.service), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

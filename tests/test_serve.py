@@ -14,6 +14,7 @@ from conftest import run_cli
 
 from runtime import artifact as artifacts
 from runtime.generate import GenerationConfig, generate
+from runtime.service import ServiceConfig
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
 from runtime.text import load_codec
@@ -160,39 +161,8 @@ def test_client_that_disconnects_mid_stream_cancels_its_request(server, client):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_an_unexpected_error_fails_its_batch_and_the_service_keeps_working(chat_export):
-    from runtime.service import Job, Service
-
-    session = open_session(chat_export, SessionOptions(threads=1))
-    real_prefill, failures = session.prefill, [RuntimeError("boom")]
-
-    def prefill(*args, **kwargs):
-        if failures:
-            raise failures.pop()
-        return real_prefill(*args, **kwargs)
-
-    session.prefill = prefill
-    service = Service(session)
-
-    async def one():
-        job = service.submit(Job([1, 2, 3], GenerationConfig(max_new_tokens=3, stop_token_ids=()),
-                                 asyncio.get_running_loop()))
-        events = []
-        while not events or events[-1][0] not in ("done", "error"):
-            events.append(await asyncio.wait_for(job.events.get(), timeout=60))
-        return events
-
-    try:
-        failed, served = asyncio.run(one()), asyncio.run(one())
-    finally:
-        service.close()
-        session.close()
-    assert failed == [("error", "internal error: RuntimeError: boom")]
-    assert [kind for kind, _ in served] == ["token"] * 3 + ["done"]
-
-
 def test_more_requests_than_the_queue_holds_get_429(chat_export):
-    running = RunningServer(chat_export, queue_size=1, batching=False)
+    running = RunningServer(chat_export, service_config=ServiceConfig(queue_size=1, max_batch=1))
     try:
         async def burst():
             async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
