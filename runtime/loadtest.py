@@ -232,7 +232,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise ServerError(f"the server exited with {self.process.returncode}: {self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                response = httpx.get(self.url + "/health", timeout=5)
+                response = httpx.get(self.url + "/health", timeout=5, trust_env=False)
                 if response.status_code == 200:
                     with contextlib.suppress(ValueError):
                         return response.json()
@@ -264,12 +264,17 @@ class ServerProcess:
         self.log.close()
 
 
-async def drive_level(url: str, warmup: dict, bodies: list[list[dict]], timeout: float) -> dict:
-    """Each client sends its bodies one after another; all clients at once, after one uncounted warm-up."""
+def loopback_client(url: str, connections: int, timeout: float):
     import httpx
 
-    limits = httpx.Limits(max_connections=len(bodies) + 1, max_keepalive_connections=len(bodies) + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+    # trust_env off: a proxy named in the environment must never carry the loopback traffic.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
+
+
+async def drive_level(url: str, warmup: dict, bodies: list[list[dict]], timeout: float) -> dict:
+    """Each client sends its bodies one after another; all clients at once, after one uncounted warm-up."""
+    async with loopback_client(url, len(bodies), timeout) as http:
         await one_request(http, warmup, timeout)
 
         async def client(mine: list[dict]) -> list[RequestResult]:
@@ -282,8 +287,6 @@ async def drive_level(url: str, warmup: dict, bodies: list[list[dict]], timeout:
 
 async def drive_soak(server: ServerProcess, codec, args) -> dict:
     """`--soak-clients` streams until the deadline, sampling the server's RSS every ~10 s."""
-    import httpx
-
     clients, seconds, timeout = args.soak_clients, args.soak_seconds, args.request_timeout
     started = time.monotonic()
     deadline, results, samples = started + seconds, [], []
@@ -301,8 +304,7 @@ async def drive_soak(server: ServerProcess, codec, args) -> dict:
             samples.append((time.monotonic() - started, server.rss_mb()))
             await asyncio.sleep(min(10, max(1, seconds / 10), max(0, deadline - time.monotonic())))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as http:
+    async with loopback_client(server.url, clients, timeout) as http:
         await asyncio.gather(sample_rss(), *(client(i) for i in range(clients)))
     samples.append((time.monotonic() - started, server.rss_mb()))
     return summarize(results, time.monotonic() - started) | {
@@ -434,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{mode}] {exc}", file=sys.stderr)
         report["ratios"] = ratios(report["rows"], [m for m, _ in args.mode_list], report["soak"])
         print_ratios(report["ratios"])
+    except KeyboardInterrupt:
+        print("interrupted: the server is stopped; what was measured is in the JSON", file=sys.stderr)
+        return 130
     finally:  # an interrupted run still leaves what it measured
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 1 if failed else 0
