@@ -21,6 +21,8 @@ import ctypes.util
 import sys
 from collections.abc import Iterator
 
+import numpy as np
+
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 Region = tuple[int, int]  # [start, end) addresses
@@ -64,6 +66,17 @@ def huge_pages_for_new_memory(enabled: bool = True) -> Iterator[None]:
     yield
     if enabled:
         back_with_huge_pages(anonymous_regions() - before)
+
+
+def committed_zeros(shape, dtype) -> np.ndarray:
+    """A zeroed array whose memory is committed now rather than at first touch. For the KV slots and the
+    prefix cache: np.zeros maps its pages lazily, and a prefill into a slot never used before faulted them
+    in on the way (a first 128-token prefill into a fresh slot of the default model took 290 ms against
+    110 ms once its pages existed). numpy asks for huge pages for large arrays itself (madvise), so the
+    memory written here lands on 2 MiB pages where the kernel allows."""
+    array = np.empty(shape, dtype)
+    array.fill(0)
+    return array
 
 
 def _madvise():

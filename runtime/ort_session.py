@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError
-from runtime.hugepages import huge_pages_for_new_memory
+from runtime.hugepages import committed_zeros, huge_pages_for_new_memory
 from runtime.ort_capi import (
     ELEMENT_TYPES,
     ORT_ARENA_ALLOCATOR,
@@ -256,7 +256,7 @@ class OrtSession:
                                 "built before they existed); rebuild it with `python -m export.build`")
         self._release_slots()
         head_dim = self.facts["head_dim"]
-        self.slot_buffers = [np.zeros((slots, heads, capacity, head_dim), self._kv_dtype)
+        self.slot_buffers = [committed_zeros((slots, heads, capacity, head_dim), self._kv_dtype)
                              for heads in self._cache_heads]
         return sum(buffer.nbytes for buffer in self.slot_buffers)
 

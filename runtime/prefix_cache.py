@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.hugepages import committed_zeros
+
 BLOCK = 16  # tokens per block: small enough that most of a shared prefix is reused, large enough to copy fast
 
 
@@ -32,7 +34,8 @@ class PrefixCache:
         positions this cache copies in and out; the pool takes at most `budget_bytes`."""
         per_block = sum(b.shape[1] * BLOCK * b.shape[3] * b.itemsize for b in slot_buffers)
         self.capacity = budget_bytes // per_block if per_block else 0
-        self.pool = [np.zeros((self.capacity, b.shape[1], BLOCK, b.shape[3]), b.dtype) for b in slot_buffers]
+        # Per cache tensor [kv_heads, blocks, BLOCK, head_dim]: a run of blocks gathers straight into a slot.
+        self.pool = [committed_zeros((b.shape[1], self.capacity, BLOCK, b.shape[3]), b.dtype) for b in slot_buffers]
         self.buffers = slot_buffers
         self.bytes = sum(p.nbytes for p in self.pool)
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -61,8 +64,8 @@ class PrefixCache:
             return 0
         length = len(blocks) * BLOCK
         for pool, buffer in zip(self.pool, self.buffers):
-            heads, dim = buffer.shape[1], buffer.shape[3]
-            buffer[slot, :, :length] = pool[blocks].transpose(1, 0, 2, 3).reshape(heads, length, dim)
+            target = buffer[slot, :, :length].reshape(buffer.shape[1], len(blocks), BLOCK, buffer.shape[3])
+            np.take(pool, blocks, axis=1, out=target, mode="clip")  # ids are valid; 'clip' skips a buffered copy
         return length
 
     def store(self, prompt: list[int], slot: int) -> None:
@@ -85,7 +88,7 @@ class PrefixCache:
             parent = entry.serial
         for pool, buffer in zip(self.pool, self.buffers):
             for start, index in new:
-                pool[index] = buffer[slot, :, start:start + BLOCK]
+                pool[:, index] = buffer[slot, :, start:start + BLOCK]
 
     def _take(self) -> int | None:
         if self._free:

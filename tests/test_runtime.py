@@ -265,8 +265,8 @@ def test_runtime_needs_only_its_light_dependencies(llama):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def _anon_huge_kb(address: int) -> int:
-    """AnonHugePages of the mapping that holds `address` (/proc/self/smaps)."""
+def _smaps_kb(address: int, field: str = "AnonHugePages:") -> int:
+    """A field (KiB) of the mapping that holds `address` (/proc/self/smaps)."""
     inside = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -274,7 +274,7 @@ def _anon_huge_kb(address: int) -> int:
             if "-" in fields[0] and len(fields) >= 5:
                 start, end = (int(a, 16) for a in fields[0].split("-"))
                 inside = start <= address < end
-            elif inside and fields[0] == "AnonHugePages:":
+            elif inside and fields[0] == field:
                 return int(fields[1])
     return 0
 
@@ -290,6 +290,19 @@ def _fresh_memory(size: int):
     return memory, ctypes.addressof(ctypes.c_char.from_buffer(memory)) + size // 2
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_committed_zeros_are_resident_at_once_where_plain_zeros_are_not():
+    import numpy as np
+
+    from runtime.hugepages import committed_zeros
+
+    size = 64 << 20
+    committed, lazy = committed_zeros((size // 4,), np.float32), np.zeros(size // 4, np.float32)
+    assert not committed.any() and committed.shape == (size // 4,)
+    assert _smaps_kb(committed.__array_interface__["data"][0] + size // 2, "Rss:") >= size // 1024
+    assert _smaps_kb(lazy.__array_interface__["data"][0] + size // 2, "Rss:") < size // 1024 // 2
+
+
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -302,8 +315,8 @@ def test_memory_allocated_inside_the_block_lands_on_huge_pages():
         weights, weights_middle = _fresh_memory(48 << 20)
     with huge_pages_for_new_memory(enabled=False):
         plain, plain_middle = _fresh_memory(48 << 20)
-    assert _anon_huge_kb(weights_middle) >= 2048
-    assert _anon_huge_kb(plain_middle) == 0
+    assert _smaps_kb(weights_middle) >= 2048
+    assert _smaps_kb(plain_middle) == 0
 
 
 @pytest.mark.parametrize("huge_pages", [True, False])
