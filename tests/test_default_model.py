@@ -140,3 +140,34 @@ def test_int8_build_end_to_end_meets_the_gates_in_its_report(default_export):
         if node.name in calibrated["weight_only_int8"]:
             assert producers.get(node.input[1]) == "DequantizeLinear"
             assert producers.get(node.input[0]) != "DequantizeLinear"
+
+
+def test_continuous_batching_on_the_default_model_equals_each_request_alone(default_export):
+    """Requests of different lengths, admitted while others decode and prefilled in chunks, give the tokens
+    each gives alone, on the fused fp32 engine of the default build."""
+    from export.build import BuildConfig, build
+    from runtime.generate import GenerationConfig, generate
+    from runtime.service import Service, ServiceConfig
+    from runtime.session import SessionOptions
+    from runtime.session import open as open_session
+    from runtime.text import load_codec
+
+    results = build(BuildConfig(out=default_export.path.parent, bench_runs=0))
+    engine = next(r.artifact for r in results if r.stage == "engine")
+    codec = load_codec(engine)
+    questions = ["What is the capital of France?", "Name three prime numbers.", "Why is the sky blue?",
+                 "Write a haiku about autumn leaves falling on a quiet river.", "Hi", "Explain photosynthesis."]
+    prompts = [codec.encode(codec.render_chat([{"role": "user", "content": q}])) for q in questions]
+    config = GenerationConfig(max_new_tokens=24, stop_token_ids=())
+    with open_session(engine, SessionOptions(threads=2)) as reference:
+        alone = [generate(reference, [p], config).tokens[0] for p in prompts]
+    service = Service(open_session(engine, SessionOptions(threads=2)),
+                      ServiceConfig(max_batch=4, max_context=256, prefill_chunk=16, prefix_cache_mb=16))
+    try:
+        assert service.scheduler == "continuous"
+        jobs = [service.submit(p, config) for p in prompts]
+        batched = [[e.value.id for e in job if e.kind == "token"] for job in jobs]
+    finally:
+        service.close()
+    assert batched == alone
+    assert sum(job.cached_tokens for job in jobs) > 0  # the chat template's opening is shared
