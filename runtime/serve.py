@@ -15,7 +15,9 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+from jinja2 import TemplateError
 
 from runtime import artifact as artifacts
 from runtime.errors import LmforgeError
@@ -24,9 +26,13 @@ from runtime.openai_api import (
     Budget,
     Completion,
     StopText,
+    TokenText,
     chat_logprob_entry,
     completion_logprobs,
+    joined_logprobs,
     parse,
+    shown,
+    text_after,
     usage,
 )
 from runtime.service import DEFAULT_MAX_CONTEXT, Job, QueueFullError, Service, ServiceClosedError, ServiceConfig
@@ -126,15 +132,55 @@ class _Choice:
 
     index: int
     job: Job
+    prompt: list[int]
     stop: StopText
     tokens: list = field(default_factory=list)
     sent: str = ""
     reason: str | None = None
     prompt_scores: list | None = None
+    offset: int = 0  # characters of logprob tokens streamed so far: the next token's text_offset
 
     @property
     def ids(self) -> list[int]:
         return [t.id for t in self.tokens]
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit` bytes, whether or not it declared its length."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise ApiError(400, f"content-length {shown(declared)} is not a number")
+    if declared is not None and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_object(raw: bytes) -> dict:
+    """The body as a JSON object of valid Unicode, or a 400 that says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not valid UTF-8: {exc}") from None
+    try:
+        body = json.loads(text)
+        # A lone surrogate (\ud800) parses but cannot be encoded, tokenized, or echoed: refuse it here, once.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "the body holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                            "valid Unicode") from None
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
+    return body
 
 
 class Server:
@@ -143,52 +189,45 @@ class Server:
         self.codec = load_codec(artifact)
         self.facts = artifact.model_facts
         self.budget = Budget(limits.max_tokens, limits.max_prompt_tokens, service.max_context)
+        self.token_text = TokenText(self._decode_all)
 
     # -- request parsing ----------------------------------------------------------------------------------
 
     async def body(self, request) -> dict:
-        size = request.headers.get("content-length") or "0"
-        if not size.isdigit():
-            raise ApiError(400, f"content-length {size!r} is not a number")
-        if int(size) > self.limits.max_body_bytes:
-            raise ApiError(413, f"request body of {size} bytes exceeds {self.limits.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > self.limits.max_body_bytes:
-            raise ApiError(413, f"request body exceeds {self.limits.max_body_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, f"malformed JSON: {exc}") from None
-        except RecursionError:
-            raise ApiError(400, "the JSON body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
+        body = json_object(await read_body(request, self.limits.max_body_bytes))
         model = body.get("model")
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string naming the model; this server serves {self.name!r}",
+                           param="model")
         if model not in (self.name, self.artifact.id):
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.name!r}",
+            raise ApiError(404, f"model {shown(model)} is not served here; this server serves {self.name!r}",
                            "not_found_error", "model")
         return body
 
     def parse(self, body: dict, chat: bool) -> Completion:
-        if chat and not self.facts.get("chat_template"):
+        if chat and not self.codec.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
             return parse(body, chat, self.codec.encode, self.codec.render_chat, self.budget,
                          tuple(self.facts["eos_token_ids"]))
         except LmforgeError as exc:  # the chat template refused the conversation
             raise ApiError(400, str(exc), param="messages") from None
+        except TemplateError as exc:  # the chat template failed on it (a role or field it does not handle)
+            raise ApiError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
 
     def submit(self, completion: Completion) -> list[_Choice]:
         """One job per prompt and sample; all or none are queued."""
+        jobs, room = len(completion.prompts) * completion.n, self.service.config.queue_size
+        if jobs > room:  # it could never be queued whole: a 429 would have the client retry forever
+            raise ApiError(400, f"this request asks for {jobs} sequences (prompts x n); the server queues at most "
+                                f"{room}: send fewer prompts or a smaller n", param="n")
         choices = []
         try:
             for prompt in completion.prompts:
                 for sample in range(completion.n):
-                    seed = completion.config.seed
-                    config = completion.config if seed is None else replace(completion.config, seed=seed + sample)
-                    job = self.service.submit(prompt, config, completion.logprobs,
+                    job = self.service.submit(prompt, completion.config_for(sample), completion.logprobs,
                                               prompt_logprobs=completion.echo and completion.logprobs is not None)
-                    choices.append(_Choice(len(choices), job, StopText(completion.stop)))
+                    choices.append(_Choice(len(choices), job, prompt, StopText(completion.stop)))
         except BaseException:
             for choice in choices:
                 choice.job.cancel()
@@ -224,7 +263,8 @@ class Server:
         return JSONResponse(self._whole(completion, choices))
 
     async def _events(self, completion: Completion, choices: list[_Choice]):
-        """(choice, new text, token or None) as the jobs produce them, until every choice has a reason."""
+        """(choice, kind, new text, token or None) as the jobs produce them, until every choice has a reason.
+        kind: 'prompt' (its prompt's log-probabilities came), 'token', or 'end' (the choice is finished)."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def follow(choice: _Choice):
@@ -241,12 +281,18 @@ class Server:
                     raise LmforgeError(event.value)
                 if event.kind == "prompt":
                     choice.prompt_scores = event.value
+                    yield choice, "prompt", "", None
+                elif event.kind == "token" and completion.prompt_only:
+                    # max_tokens 0: the service generates at least one token; the client asked for none.
+                    choice.reason = "length"
+                    choice.job.cancel()
+                    yield choice, "end", "", None
                 elif event.kind == "token":
                     choice.tokens.append(event.value)
-                    yield choice, self._advance(choice, True), event.value
+                    yield choice, "token", self._advance(choice, True), event.value
                 else:
                     choice.reason = event.value
-                    yield choice, self._advance(choice, False), None
+                    yield choice, "end", self._advance(choice, False), None
         finally:
             for task in tasks:
                 task.cancel()
@@ -254,7 +300,7 @@ class Server:
     def _advance(self, choice: _Choice, held: bool) -> str:
         """The choice's text not yet sent; a stop string ends the choice. `held`: keep back a tail that may
         still become a stop string or a whole character."""
-        text = self.codec.decode(choice.ids)
+        text = text_after(self.codec.decode, choice.prompt, choice.ids)
         cut = choice.stop.cut(text)
         if choice.stop.hit:
             choice.reason = "stop"
@@ -268,14 +314,16 @@ class Server:
         new, choice.sent = cut[len(choice.sent):], cut
         return new
 
+    def _decode_all(self, ids: list[int]) -> str:
+        return self.codec.tokenizer.decode(ids, skip_special_tokens=False)
+
     def _prompt_text(self, completion: Completion, choice: _Choice) -> str:
-        prompt = completion.prompts[choice.index // completion.n]
         given = completion.prompt_texts[choice.index // completion.n]
-        return given if given is not None else self.codec.decode(prompt)
+        return given if given is not None else self._decode_all(choice.prompt)  # a prompt of ids: all of them
 
     def _usage(self, completion: Completion, choices: list[_Choice]) -> dict:
         prompt_tokens = sum(len(p) for p in completion.prompts)
-        cached = sum(c.job.cached_tokens for c in choices[:: completion.n])
+        cached = sum(c.job.cached_tokens for c in choices[:: completion.n])  # each prompt once, as prompt_tokens
         return usage(prompt_tokens, sum(len(c.tokens) for c in choices), cached)
 
     def _whole(self, completion: Completion, choices: list[_Choice]) -> dict:
@@ -285,10 +333,21 @@ class Server:
             return base | {"object": "chat.completion", "choices": [self._chat_choice(completion, c) for c in choices]}
         return base | {"object": "text_completion", "choices": [self._text_choice(completion, c) for c in choices]}
 
+    def _generated_texts(self, choice: _Choice, first: int = 0) -> list[dict[int, str]]:
+        """Texts of the choice's generated tokens from `first` on (and their alternatives), each in place."""
+        sequence = choice.prompt + choice.ids
+        return [self.token_text.at(sequence, len(choice.prompt) + k, token)
+                for k, token in enumerate(choice.tokens[first:], first)]
+
+    def _prompt_logprobs(self, choice: _Choice) -> dict:
+        scores = choice.prompt_scores or []
+        return completion_logprobs(scores, [self.token_text.at(choice.prompt, k, s) for k, s in enumerate(scores)])
+
     def _chat_choice(self, completion: Completion, choice: _Choice) -> dict:
         logprobs = None
         if completion.logprobs is not None:
-            logprobs = {"content": [chat_logprob_entry(t, self._token_text) for t in choice.tokens]}
+            texts = self._generated_texts(choice)
+            logprobs = {"content": [chat_logprob_entry(t, text) for t, text in zip(choice.tokens, texts)]}
         return {"index": choice.index, "message": {"role": "assistant", "content": choice.sent},
                 "logprobs": logprobs, "finish_reason": choice.reason}
 
@@ -296,13 +355,12 @@ class Server:
         prompt_text = self._prompt_text(completion, choice) if completion.echo else ""
         logprobs = None
         if completion.logprobs is not None:
-            scores = (choice.prompt_scores or []) if completion.echo else []
-            logprobs = completion_logprobs(scores + choice.tokens, self._token_text)
+            # Generated tokens' offsets count from the returned text's prompt, as the client sees it.
+            logprobs = completion_logprobs(choice.tokens, self._generated_texts(choice), len(prompt_text))
+            if completion.echo:
+                logprobs = joined_logprobs(self._prompt_logprobs(choice), logprobs)
         return {"index": choice.index, "text": prompt_text + choice.sent, "finish_reason": choice.reason,
                 "logprobs": logprobs}
-
-    def _token_text(self, token: int) -> str:
-        return self.codec.tokenizer.decode([token], skip_special_tokens=False)
 
     async def _stream(self, completion: Completion, choices: list[_Choice]):
         created, ident = int(time.time()), f"{'chatcmpl' if completion.chat else 'cmpl'}-{choices[0].job.id}"
@@ -316,14 +374,11 @@ class Server:
 
         try:
             for choice in choices:  # each choice opens with its role (chat) or the echoed prompt (completions)
-                if completion.chat:
-                    yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                elif completion.echo and completion.logprobs is None:
-                    yield chunk([{"index": choice.index, "text": self._prompt_text(completion, choice),
-                                  "logprobs": None, "finish_reason": None}])
-            async for choice, text, token in self._events(completion, choices):
-                payload = self._stream_choice(completion, choice, text, token)
+                opening = self._opening(completion, choice)
+                if opening is not None:
+                    yield chunk([opening])
+            async for choice, event, text, token in self._events(completion, choices):
+                payload = self._stream_choice(completion, choice, event, text, token)
                 if payload is not None:
                     yield chunk([payload])
             if completion.include_usage:
@@ -335,23 +390,36 @@ class Server:
             for choice in choices:
                 choice.job.cancel()  # a client that disconnects mid-stream cancels its requests and frees their slots
 
-    def _stream_choice(self, completion: Completion, choice: _Choice, text: str, token) -> dict | None:
-        finished = choice.reason if token is None or choice.reason == "stop" else None
+    def _opening(self, completion: Completion, choice: _Choice) -> dict | None:
+        if completion.chat:
+            return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+        if completion.echo and completion.logprobs is None:  # with logprobs, the echo waits for the prompt's
+            return {"index": choice.index, "text": self._prompt_text(completion, choice), "logprobs": None,
+                    "finish_reason": None}
+        return None
+
+    def _stream_choice(self, completion: Completion, choice: _Choice, event: str, text: str, token) -> dict | None:
+        if event == "prompt":
+            prompt_text = self._prompt_text(completion, choice)
+            choice.offset = len(prompt_text)
+            return {"index": choice.index, "text": prompt_text, "logprobs": self._prompt_logprobs(choice),
+                    "finish_reason": None}
+        finished = choice.reason if event == "end" or choice.reason == "stop" else None
         if not text and token is None and finished is None:
             return None
         if completion.chat:
             logprobs = None
             if completion.logprobs is not None and token is not None:
-                logprobs = {"content": [chat_logprob_entry(token, self._token_text)]}
+                entry = chat_logprob_entry(token, self._generated_texts(choice, len(choice.tokens) - 1)[0])
+                logprobs = {"content": [entry]}
             delta = {"content": text} if text or finished is None else {}
             return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finished}
         logprobs = None
         if completion.logprobs is not None:
-            scores = [token] if token is not None else []
-            if completion.echo and choice.prompt_scores is not None and len(choice.tokens) == 1 and token is not None:
-                scores = choice.prompt_scores + scores
-                text = self._prompt_text(completion, choice) + text
-            logprobs = completion_logprobs(scores, self._token_text)
+            texts = self._generated_texts(choice, len(choice.tokens) - 1) if token is not None else []
+            logprobs = completion_logprobs([token] if token is not None else [], texts, choice.offset)
+            choice.offset += sum(len(piece) for piece in logprobs["tokens"])
         return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finished}
 
     def models(self) -> dict:

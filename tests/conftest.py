@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,47 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     """Run `python -m <args>` from the repository root, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=os.environ | (env or {}))
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="session")
+def chat_export(tiny_model_factory, tmp_path_factory):
+    """The tiny llama with a chat template, exported to an engine once for every server test."""
+    from transformers import AutoTokenizer
+
+    from export.build import BuildConfig, build
+
+    folder = tiny_model_factory("llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    results = build(BuildConfig(model=str(folder), out=tmp_path_factory.mktemp("serve-store"), bench_runs=0))
+    return next(r.artifact for r in results if r.stage == "engine")
+
+
+class RunningServer:
+    """runtime.serve's app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, artifact, **kwargs):
+        import uvicorn
+
+        from runtime.serve import create_app
+        from runtime.session import SessionOptions
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.app = create_app(artifact, "tiny", SessionOptions(threads=1), **kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
