@@ -40,8 +40,10 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise BadInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN fails this too
             raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise BadInputError(f"seed must be >= 0, got {self.seed}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise BadInputError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
 

@@ -326,7 +326,13 @@ class _Continuous:
                 job.finished = True
                 job.post("done", "cancelled")
                 continue
-            self._start(free.pop(0), job)
+            slot = free.pop(0)
+            try:
+                self._start(slot, job)
+            except Exception as exc:  # fails this request alone; the slot stays free
+                _fail(job, exc)
+                self._free(slot)
+                free.insert(0, slot)
         if self._stopping and self.deadline is not None and time.perf_counter() > self.deadline:
             for slot in self.slots:
                 if slot.job is not None:

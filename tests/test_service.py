@@ -215,3 +215,34 @@ def test_an_unexpected_error_fails_the_running_requests_and_the_service_keeps_wo
         assert tokens_of(service.submit([1, 2, 3], GREEDY)) == alone(reference, [1, 2, 3])
     finally:
         service.close()
+
+
+def test_a_request_that_fails_at_admission_fails_alone(engine, reference):
+    service = make_service(engine)
+    real_load, failures = service._runner.prefix.load, [RuntimeError("bad block")]
+
+    def load(*args):
+        if failures:
+            raise failures.pop()
+        return real_load(*args)
+
+    service._runner.prefix.load = load
+    try:
+        failed = list(service.submit([1, 2, 3], GREEDY))
+        assert [(e.kind, e.value) for e in failed] == [("error", "internal error: RuntimeError: bad block")]
+        assert tokens_of(service.submit([1, 2, 3], GREEDY)) == alone(reference, [1, 2, 3])
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("config, message", [
+    (GenerationConfig(temperature=float("nan")), "temperature must be >= 0"),
+    (GenerationConfig(seed=-1), "seed must be >= 0"),
+])
+def test_configs_that_would_break_the_sampler_are_refused_at_submit(engine, config, message):
+    service = make_service(engine)
+    try:
+        with pytest.raises(BadInputError, match=message):
+            service.submit([1, 2, 3], config)
+    finally:
+        service.close()
