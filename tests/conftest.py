@@ -106,3 +106,19 @@ class RunningServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(chat_export):
+    """The reference server over the tiny chat engine, one per test module."""
+    running = RunningServer(chat_export)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The real OpenAI client, pointed at the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

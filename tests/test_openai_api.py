@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import RunningServer
 
 from runtime.generate import GenerationConfig, generate
 from runtime.openai_api import StopText, TokenText, text_after
@@ -21,18 +20,6 @@ from runtime.text import load_codec
 PROMPT = "the quick brown fox"
 MESSAGES = [{"role": "user", "content": "the lazy dog"}]
 NEVER = ["@@", "##", "%%"]  # characters the tiny tokenizer has no tokens for: stop strings that never match
-
-
-@pytest.fixture(scope="module")
-def server(chat_export):
-    running = RunningServer(chat_export)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,6 @@ from runtime.text import load_codec
 PROMPT = "the quick brown fox"
 
 
-@pytest.fixture(scope="module")
-def server(chat_export):
-    running = RunningServer(chat_export)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def expected_text(artifact, prompt_text, max_tokens):
     codec = load_codec(artifact)
     session = open_session(artifact, SessionOptions(threads=1))

@@ -104,39 +104,37 @@ def test_a_slot_freed_by_cancellation_mid_prefill_is_reused_correctly(engine, re
         service.close()
 
 
-def test_logits_after_a_prefix_cache_hit_equal_a_full_prefill(engine):
-    session = open_session(engine, SessionOptions(threads=1))
-    try:
+@pytest.fixture
+def session(engine):
+    """A session with three slots of 128 positions."""
+    with open_session(engine, SessionOptions(threads=1)) as session:
         session.open_slots(3, 128)
-        cache = PrefixCache(session.slot_buffers, 1 << 20)
-        first = prompts(1, seed=4)[0][:50] + list(range(3, 20))
-        second = first[:40] + [9, 8, 7, 6, 5]
-        session.run_slots(0, np.array([first]), np.array([0]))
-        cache.store(first, slot=0)
-        blocks = cache.lookup(second)
-        assert len(blocks) == 40 // BLOCK
-        cached = cache.load(blocks, slot=1)
-        hit = session.run_slots(1, np.array([second[cached:]]), np.array([cached]), last_only=False).copy()
-        full = session.run_slots(2, np.array([second]), np.array([0]), last_only=False)
-        np.testing.assert_allclose(hit, full[:, cached:], rtol=1e-5, atol=1e-5)
-        assert cache.hit_tokens == cached and cache.query_tokens == len(second)
-    finally:
-        session.close()
+        yield session
 
 
-def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_its_budget(engine):
-    session = open_session(engine, SessionOptions(threads=1))
-    try:
-        session.open_slots(1, 128)
-        per_block = sum(b.shape[1] * BLOCK * b.shape[3] * b.itemsize for b in session.slot_buffers)
-        cache = PrefixCache(session.slot_buffers, 5 * per_block)
-        a, b = list(range(3, 3 + 3 * BLOCK + 1)), list(range(60, 60 + 3 * BLOCK + 1))
-        cache.store(a, slot=0)
-        cache.store(b, slot=0)  # 6 blocks wanted, 5 fit: a's oldest block goes, and a is unreachable
-        assert cache.blocks == 5 and cache.bytes == 5 * per_block
-        assert cache.lookup(a) == [] and len(cache.lookup(b)) == 3
-    finally:
-        session.close()
+def test_logits_after_a_prefix_cache_hit_equal_a_full_prefill(session):
+    cache = PrefixCache(session.slot_buffers, 1 << 20)
+    first = prompts(1, seed=4)[0][:50] + list(range(3, 20))
+    second = first[:40] + [9, 8, 7, 6, 5]
+    session.run_slots(0, np.array([first]), np.array([0]))
+    cache.store(first, slot=0)
+    blocks = cache.lookup(second)
+    assert len(blocks) == 40 // BLOCK
+    cached = cache.load(blocks, slot=1)
+    hit = session.run_slots(1, np.array([second[cached:]]), np.array([cached]), last_only=False).copy()
+    full = session.run_slots(2, np.array([second]), np.array([0]), last_only=False)
+    np.testing.assert_allclose(hit, full[:, cached:], rtol=1e-5, atol=1e-5)
+    assert cache.hit_tokens == cached and cache.query_tokens == len(second)
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_its_budget(session):
+    per_block = sum(b.shape[1] * BLOCK * b.shape[3] * b.itemsize for b in session.slot_buffers)
+    cache = PrefixCache(session.slot_buffers, 5 * per_block)
+    a, b = list(range(3, 3 + 3 * BLOCK + 1)), list(range(60, 60 + 3 * BLOCK + 1))
+    cache.store(a, slot=0)
+    cache.store(b, slot=0)  # 6 blocks wanted, 5 fit: a's oldest block goes, and a is unreachable
+    assert cache.blocks == 5 and cache.bytes == 5 * per_block
+    assert cache.lookup(a) == [] and len(cache.lookup(b)) == 3
 
 
 def test_logprobs_are_the_models_own(engine, reference):
