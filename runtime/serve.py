@@ -5,6 +5,9 @@
 A thin HTTP layer: requests are parsed by runtime/openai_api.py and run by the Service (runtime/service.py:
 continuous batching, prefix cache), whose worker thread does the engine work, so the event loop only moves
 bytes. Starlette + uvicorn: a small, well-kept ASGI stack.
+
+`--replicas N` (or `--ray-address auto`) serves the same API from many replicas on Ray Serve instead:
+runtime/ray_serve.py, docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -428,16 +431,30 @@ class Server:
 
 
 def create_app(artifact: artifacts.Artifact, name: str | None = None, options: SessionOptions | None = None,
-               limits: Limits = Limits(), service_config: ServiceConfig = ServiceConfig()):
+               limits: Limits = Limits(), service_config: ServiceConfig = ServiceConfig(), service=None,
+               health=None, metrics=None):
+    """The app over an engine this process opens, or over `service`, one that is ready (runtime/ray_serve.py's,
+    whose jobs run on many replicas). `health` (async, returns a status code and a body) and `metrics` (async,
+    returns the exposition and its media type) then say how that service reports."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    service_config.validate()  # before the engine loads
-    metrics = Metrics()
-    service = Service(open_session(artifact, options or SessionOptions()), service_config, metrics)
-    metrics.watch(service)
+    local_metrics = None
+    if service is None:
+        service_config.validate()  # before the engine loads
+        local_metrics = Metrics()
+        service = Service(open_session(artifact, options or SessionOptions()), service_config, local_metrics)
+        local_metrics.watch(service)
     server = Server(artifact, name or artifact.id, service, limits)
+
+    async def local_health() -> tuple[int, dict]:
+        return 200, {"status": "ok", "model": server.name, "engine": artifact.id} | service.stats()
+
+    async def local_exposition() -> tuple[bytes, str]:
+        return local_metrics.exposition()
+
+    report_health, report_metrics = health or local_health, metrics or local_exposition
 
     async def completions(request):
         return await server.completions(request, chat=False)
@@ -445,14 +462,15 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
     async def chat(request):
         return await server.completions(request, chat=True)
 
-    async def health(request):
-        return JSONResponse({"status": "ok", "model": server.name, "engine": artifact.id} | service.stats())
+    async def health_endpoint(request):
+        status, body = await report_health()
+        return JSONResponse(body, status_code=status)
 
     async def models(request):
         return JSONResponse(server.models())
 
     async def metrics_endpoint(request):
-        body, media = metrics.exposition()
+        body, media = await report_metrics()
         return Response(body, media_type=media)
 
     @contextlib.asynccontextmanager
@@ -462,10 +480,10 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/models", models), Route("/health", health),
+                            Route("/v1/models", models), Route("/health", health_endpoint),
                             Route("/metrics", metrics_endpoint)],
                     lifespan=lifespan)
-    app.state.service, app.state.metrics = service, metrics
+    app.state.service, app.state.metrics = service, local_metrics
     return app
 
 
@@ -477,7 +495,7 @@ def startup_line(service: Service) -> str:
     return f"lmforge: {service.scheduler} batching ({service.why}); {memory}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 to listen everywhere")
@@ -498,7 +516,44 @@ def main(argv: list[str] | None = None) -> int:
                         help="static batching: a batch runs to its end before the next starts (for comparison)")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens)
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    args = parser.parse_args(argv)
+    scale = parser.add_argument_group("scale out on Ray Serve (pip install 'lmforge[ray]'; docs/scale-out.md)")
+    scale.add_argument("--replicas", type=int, default=None,
+                       help="engine replicas behind one endpoint (each with --threads); turns Ray Serve on")
+    scale.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster ('auto': the one `ray start` made here) instead of starting one")
+    scale.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default: --replicas)")
+    scale.add_argument("--max-replicas", type=int, default=None,
+                       help="autoscaling upper bound (default: --replicas; above --min-replicas turns autoscaling on)")
+    scale.add_argument("--target-ongoing", type=float, default=None,
+                       help="ongoing requests per replica the autoscaler steers to (default: --max-batch / 2)")
+    scale.add_argument("--ingress-replicas", type=int, default=1,
+                       help="HTTP ingress replicas (more than 1: behind Ray Serve's proxy on every node)")
+    scale.add_argument("--ray-proxy", action="store_true",
+                       help="serve HTTP through Ray Serve's proxy on every node's --port, instead of the ingress's "
+                            "own listener on this node (that one spares each request a process hop)")
+    scale.add_argument("--affinity-slack", type=int, default=None,
+                       help="extra ongoing requests a replica holding the prompt's prefix may have over the least "
+                            "loaded one and still get it (default: --max-batch / 4)")
+    scale.add_argument("--drain-timeout", type=float, default=30,
+                       help="seconds running requests get to finish when the application stops")
+    scale.add_argument("--artifact-cache", default="/tmp/lmforge-artifacts",
+                       help="where a node without the artifact's path keeps the copy it fetches from the driver")
+    return parser
+
+
+def uses_ray(args: argparse.Namespace) -> bool:
+    return any(value is not None for value in (args.replicas, args.ray_address, args.min_replicas, args.max_replicas))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if uses_ray(args):
+        try:
+            from runtime import ray_serve
+        except ImportError as exc:
+            print(f"error: scaling out needs Ray Serve ({exc}): pip install 'lmforge[ray]'", file=sys.stderr)
+            return 4
+        return ray_serve.main(args)
     try:
         import uvicorn
     except ImportError:

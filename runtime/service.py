@@ -153,6 +153,32 @@ class Job:
                 return
 
 
+def slot_context(model_facts: dict, config: ServiceConfig) -> int:
+    """Positions per slot: --max-context (default DEFAULT_MAX_CONTEXT), never more than the model's context."""
+    model_context = model_facts.get("max_context") or DEFAULT_MAX_CONTEXT
+    return min(config.max_context or DEFAULT_MAX_CONTEXT, model_context)
+
+
+def check_request(job: Job, vocab_size: int, max_context: int, scheduler: str, why: str) -> None:
+    """Raise BadInputError for a request that could never run; shared with the Ray ingress so that both
+    refuse with the same words before any work starts."""
+    if not job.prompt:
+        raise BadInputError("empty prompt: pass at least one token")
+    if min(job.prompt) < 0 or max(job.prompt) >= vocab_size:
+        raise BadInputError(f"a prompt token id is outside the vocabulary [0, {vocab_size}); encode text with the "
+                            "model's tokenizer")
+    needed = len(job.prompt) + job.config.max_new_tokens - 1
+    if needed > max_context:
+        raise BadInputError(f"the prompt has {len(job.prompt)} tokens; with max_tokens "
+                            f"{job.config.max_new_tokens} that exceeds the context of {max_context} tokens; "
+                            "shorten it or ask for fewer tokens")
+    if job.logprobs is not None and not 0 <= job.logprobs <= MAX_TOP_LOGPROBS:
+        raise BadInputError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {job.logprobs}")
+    if (job.logprobs is not None or job.prompt_logprobs) and scheduler != "continuous":
+        raise BadInputError(f"log-probabilities need continuous batching, and this service runs static "
+                            f"batching ({why})")
+
+
 _STOP = object()  # put on the queue by close(): the worker finishes what runs and ends
 
 
@@ -160,9 +186,7 @@ class Service:
     def __init__(self, session: Session, config: ServiceConfig = ServiceConfig(), metrics=None):
         config.validate()
         self.session, self.config, self.metrics = session, config, metrics
-        facts = session.artifact.model_facts
-        model_context = facts.get("max_context") or DEFAULT_MAX_CONTEXT
-        self.max_context = min(config.max_context or DEFAULT_MAX_CONTEXT, model_context)
+        self.max_context = slot_context(session.artifact.model_facts, config)
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._closing = False
         if not config.continuous:
@@ -195,22 +219,12 @@ class Service:
         return job
 
     def _check(self, job: Job) -> None:
-        if not job.prompt:
-            raise BadInputError("empty prompt: pass at least one token")
-        vocab = self.session.artifact.model_facts["vocab_size"]
-        if min(job.prompt) < 0 or max(job.prompt) >= vocab:
-            raise BadInputError(f"a prompt token id is outside the vocabulary [0, {vocab}); encode text with the "
-                                "model's tokenizer")
-        needed = len(job.prompt) + job.config.max_new_tokens - 1
-        if needed > self.max_context:
-            raise BadInputError(f"the prompt has {len(job.prompt)} tokens; with max_tokens "
-                                f"{job.config.max_new_tokens} that exceeds the context of {self.max_context} tokens; "
-                                "shorten it or ask for fewer tokens")
-        if job.logprobs is not None and not 0 <= job.logprobs <= MAX_TOP_LOGPROBS:
-            raise BadInputError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {job.logprobs}")
-        if (job.logprobs is not None or job.prompt_logprobs) and self.scheduler != "continuous":
-            raise BadInputError(f"log-probabilities need continuous batching, and this service runs static "
-                                f"batching ({self.why})")
+        check_request(job, self.session.artifact.model_facts["vocab_size"], self.max_context, self.scheduler, self.why)
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has ended (closed, or killed by a bug): a health probe's answer."""
+        return self._worker.is_alive()
 
     def memory(self) -> dict:
         """Bytes the service allocated at start: the slot KV cache and the prefix cache."""

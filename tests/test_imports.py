@@ -1,6 +1,7 @@
 """The import rules of ARCHITECTURE.md, checked on the source so the picture cannot drift from the code."""
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,16 @@ def test_package_imports_only_what_the_architecture_allows(package):
         assert not bad, f"{file.relative_to(REPO)} imports {sorted(bad)}, which {package}/ must not"
 
 
+def test_only_the_scale_out_module_imports_ray():
+    """Ray is an optional extra (lmforge[ray]): the rest of the runtime runs without it."""
+    importers = [file.name for file in sorted((REPO / "runtime").glob("*.py")) if "ray" in imported_top_levels(file)]
+    assert importers == ["ray_serve.py"]
+
+
 def test_importing_the_runtime_loads_no_torch():
-    modules = [f"runtime.{p.stem}" for p in (REPO / "runtime").glob("*.py") if p.stem != "__main__"]
+    optional = {"ray_serve": "ray"}  # module -> the optional package it needs
+    modules = [f"runtime.{p.stem}" for p in (REPO / "runtime").glob("*.py") if p.stem != "__main__"
+               and (p.stem not in optional or importlib.util.find_spec(optional[p.stem]) is not None)]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
             "heavy = ('torch', 'transformers', 'export', 'calibration', 'engines')\n"
             "bad = sorted(m for m in heavy if m in sys.modules)\n"
