@@ -7,10 +7,12 @@
 #  3. runtime.bench on each plan, then one table: verification and latency side by side.
 # Needs TensorRT, cuda-python and an NVIDIA GPU: pip install -e '.[gpu,dev]' --extra-index-url https://pypi.nvidia.com
 # Usage: ci/gpu-check.sh [STORE] [MODEL]   (exit codes: the build's; 4 without TensorRT or a GPU)
+# STORE and MODEL may also come from GPU_CHECK_STORE and GPU_CHECK_MODEL (a CI step passes inputs through the
+# environment, never into the command line); STORE defaults to artifacts/gpu-check, MODEL to default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-store=${1:-artifacts/gpu-check}
-model=${2:-default}
+store=${1:-${GPU_CHECK_STORE:-artifacts/gpu-check}}
+model=${2:-${GPU_CHECK_MODEL:-default}}
 
 # Fail in a second, naming what is missing, rather than after an export.
 python - <<'EOF'

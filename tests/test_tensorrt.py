@@ -650,9 +650,11 @@ def test_gpu_check_script_builds_both_plans_benches_them_and_stops_early_without
     assert "python -m runtime.bench" in text and "-m gpu" in text
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: the script would run the whole GPU check")
-    result = subprocess.run([str(GPU_CHECK), str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    store = tmp_path / "store"  # given through the environment, as a CI step passes it
+    result = subprocess.run([str(GPU_CHECK)], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"GPU_CHECK_STORE": str(store)})
     assert result.returncode == 4 and "needs TensorRT and cuda-python" in result.stderr
-    assert not (tmp_path / "store").exists()  # it stopped before building anything
+    assert not store.exists()  # it stopped before building anything
 
 
 def test_gpu_check_table_puts_verification_beside_latency(tmp_path):
