@@ -136,11 +136,13 @@ def linear_inputs(model: ir.Model, layers: Iterable[str]) -> dict[str, str]:
 
 
 def collect(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dict, threads: int,
-            seed: int = 0) -> dict[str, TensorStats]:
-    """Run the prefill of each sample with the named tensors added as outputs; stream them into stats."""
+            seed: int = 0, scratch: Path | None = None) -> dict[str, TensorStats]:
+    """Run the prefill of each sample with the named tensors added as outputs; stream them into stats.
+    `scratch`: where the augmented model copy goes (a stage's working folder, so a killed build's copy is
+    cleaned by the next build; the system's temporary folder when None)."""
     rng = np.random.default_rng(seed)
     stats: dict[str, TensorStats] = {}
-    for outputs in stream(model_path, tensors, samples, facts, threads):
+    for outputs in stream(model_path, tensors, samples, facts, threads, scratch):
         for name, value in outputs.items():
             if name not in stats:
                 stats[name] = TensorStats(channels=value.shape[-1])
@@ -148,15 +150,15 @@ def collect(model_path: Path, tensors: list[str], samples: np.ndarray, facts: di
     return stats
 
 
-def stream(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dict, threads: int
-           ) -> Iterator[dict[str, np.ndarray]]:
+def stream(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dict, threads: int,
+           scratch: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The named intermediate tensors of each sample's prefill, one sample at a time (bounded memory)."""
     model = ir.load(str(model_path))
     values = {v.name: v for node in model.graph for v in node.outputs}
     for name in tensors:
         if values[name] not in model.graph.outputs:
             model.graph.outputs.append(values[name])
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         augmented = Path(tmp) / "augmented.onnx"
         ir.save(model, augmented)
         del model, values

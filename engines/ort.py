@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +21,10 @@ import onnx
 import onnx_ir as ir
 
 from engines.fusion import AttentionFacts, FuseAttentionPass, add_initializer
+from engines.model_card import CARD, model_card
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
+from runtime.model_folder import write_genai_config, write_hf_files
 from runtime.progress import Ticker
 from runtime.session import LOGITS_TO_KEEP
 
@@ -158,19 +158,26 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
 
     onnxruntime.set_default_logger_severity(3)  # not, per session, that logits_to_keep (an input) is no constant
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
-    try:
+    with writer.working_folder() as work:
         progress(f"[engine] fusing attention and norms, ONNX Runtime offline optimization ({config.provider})")
         with Ticker("[engine]"):
             graph = build_graph(parent, writer.dir / MODEL_FILE, config, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     writer.copy_text_files(parent)
     progress(f"[engine] {graph['ops_before']} -> {graph['ops_after']} ops; attention: {graph['attention']}")
     session = {"provider": config.provider, "threads": config.threads, "graph_optimization": "extended (saved)"}
     metrics = {"fusion": graph, "session": session, "build_seconds": round(time.perf_counter() - started, 1)}
     precision = parent.manifest.get("precision", "fp32")
+    write_ecosystem_files(parent, writer, metrics)
     if verify is not None:
         provisional = writer.provisional(parent.io, precision=precision, backend="ort")
         metrics["verification"] = verify(provisional)
+    files = sorted(p.name for p in writer.dir.iterdir() if p.is_file())
+    (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files))
     return writer.commit(io=parent.io, metrics=metrics, precision=precision, backend="ort")
+
+
+def write_ecosystem_files(parent: Artifact, writer: ArtifactWriter, metrics: dict[str, Any]) -> None:
+    """What other tools open the engine folder with: Hugging Face's config.json and generation_config.json
+    (from the export, pruning applied) and onnxruntime-genai's genai_config.json (runtime/model_folder.py)."""
+    write_hf_files(parent, writer.dir)
+    write_genai_config(writer.dir, {"io": parent.io, "metrics": metrics})

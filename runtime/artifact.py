@@ -10,18 +10,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from runtime.errors import ArtifactError
+from runtime.onnx_external import MalformedModel, external_data_locations
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+# Working folders: an artifact being written (TEMP_PREFIX) and a stage's scratch space (WORK_PREFIX). Each is
+# owned by its process through a lock on a sibling `<name>.owner` file, so the next build can remove the ones
+# whose owner is gone, however it went (see owned_folder).
 TEMP_PREFIX = ".tmp-"
+WORK_PREFIX = ".work-"
+WORKING_PREFIXES = (TEMP_PREFIX, WORK_PREFIX)
+OWNER_SUFFIX = ".owner"
+# The per-artifact build locks of a store (see building).
+LOCKS = ".locks"
 # The packages whose versions change what a stage produces; they enter every artifact id.
 TOOL_PACKAGES = ("lmforge", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
                  "onnxruntime-gpu", "tensorrt")
@@ -113,7 +127,11 @@ def folder_name(stage: str, ident: str) -> str:
 
 
 def load(path: str | os.PathLike, verify: bool = True) -> Artifact:
-    """Open a finished artifact; with `verify`, check every file's size and sha256 against the manifest."""
+    """Open a finished artifact; with `verify`, check every file's size and sha256 against the manifest.
+
+    The folder is untrusted (artifacts travel between CI jobs, caches and services): whatever `verify` says,
+    every file the manifest names and every external-data file its ONNX models name must be a plain relative
+    name inside the folder, checked before any of those files is read."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -126,12 +144,70 @@ def load(path: str | os.PathLike, verify: bool = True) -> Artifact:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); rebuild the artifact") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ArtifactError(f"{manifest_path} is not an lmforge manifest (no `files` table); rebuild the artifact")
+    check_file_names(path, manifest)
+    check_external_data(path, manifest)
     if verify:
         verify_files(path, manifest)
     return Artifact(path, manifest)
 
 
+UNTRUSTED_FIX = ("an artifact may only name files inside its own folder; rebuild it with `python -m export.build` "
+                 "or take it from a source you trust")
+
+
+def check_file_names(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest naming any file outside the artifact folder (before anything is read or hashed)."""
+    for name in manifest.get("files", {}):
+        problem = outside_reason(path, path, name)
+        if problem:
+            raise ArtifactError(f"artifact {path}: the manifest entry {name!r} is {problem}; {UNTRUSTED_FIX}")
+
+
+def check_external_data(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an ONNX model whose tensors name external data outside the folder or not in the manifest (whose
+    sha256 would then never be checked): ONNX Runtime would open those files as it loads the model."""
+    names = manifest.get("files", {})
+    for name in (n for n in names if n.endswith(".onnx") and (path / n).is_file()):
+        model = path / name
+        try:
+            locations = external_data_locations(model)
+        except MalformedModel:  # not protobuf: ONNX Runtime refuses it too, before it could open any other file
+            continue
+        for location in dict.fromkeys(locations):
+            problem = outside_reason(path, model.parent, location)
+            if not problem and _relative_name(path, model.parent / location) not in names:
+                problem = "not listed in the manifest (so never verified)"
+            if problem:
+                raise ArtifactError(f"artifact {path}: {name} names external data {location!r}, which is "
+                                    f"{problem}; {UNTRUSTED_FIX}")
+
+
+def outside_reason(folder: Path, base: Path, name: Any) -> str | None:
+    """Why `name`, relative to `base` (a folder inside `folder`), is not a plain name inside `folder`; None
+    when it is. Both path flavours are checked, so a name that escapes on Windows is refused everywhere."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "not a file name"
+    if any(flavour(name).is_absolute() or flavour(name).anchor for flavour in (PurePosixPath, PureWindowsPath)):
+        return "an absolute path"
+    if any(".." in flavour(name).parts for flavour in (PurePosixPath, PureWindowsPath)):
+        return "a path through '..'"
+    try:
+        (base / name).resolve().relative_to(folder.resolve())
+    except ValueError:
+        return "a symlink leading out of the folder"
+    except (OSError, RuntimeError):  # a symlink loop
+        return "a symlink that does not resolve"
+    return None
+
+
+def _relative_name(folder: Path, file: Path) -> str:
+    return PurePosixPath(os.path.normpath(file.relative_to(folder))).as_posix()
+
+
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    check_file_names(path, manifest)
     for name, entry in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -149,14 +225,98 @@ def find(store: Path, stage: str, ident: str) -> Artifact | None:
     return load(path, verify=False)
 
 
-def remove_stale_temporaries(store: Path) -> None:
-    """Delete temporary folders left by builds that were killed mid-stage (never a finished artifact)."""
-    store = Path(store)
-    if not store.is_dir():
+def working_name(prefix: str, label: str) -> str:
+    """A working folder's name: unique (pid and random token), and naming its owner for whoever lists it."""
+    return f"{prefix}{label}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def owned_folder(path: Path) -> Iterator[Path]:
+    """Create the working folder `path`, owned by this process until the block ends, then remove it.
+
+    Ownership is an OS-level lock (filelock: flock, or LockFileEx on Windows) on the sibling file
+    `<name>.owner`. The kernel drops it when the process ends however it ends, kill -9 included, so a later
+    build tells a dead owner's folder from a live one's by trying that lock rather than by trusting a pid
+    (pids repeat across the containers of CI jobs that share a store). The lock is taken before the folder
+    exists and given up after it is gone, so a live folder is never seen without a held owner lock."""
+    owner_file = _owner_file(path)
+    owner = FileLock(owner_file)
+    owner.acquire(timeout=0)  # the name is unique to this process: nobody else can hold it
+    try:
+        path.mkdir()
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        owner.release()
+        owner_file.unlink(missing_ok=True)
+
+
+@contextmanager
+def working_folder(parent: str | os.PathLike, label: str, prefix: str = WORK_PREFIX) -> Iterator[Path]:
+    """A scratch folder in `parent` (a store or a cache) for one stage: removed when the block ends, and by
+    `remove_stale_temporaries` of the next build if this process is killed first."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    with owned_folder(parent / working_name(prefix, label)) as path:
+        yield path
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the working folders (and owner files) that builds left behind when they were killed; folders
+    whose owner still runs are left alone, so builds sharing a store never pull each other's work away."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return
-    for child in store.iterdir():
-        if child.name.startswith(TEMP_PREFIX) and child.is_dir() and not _owner_alive(child.name):
-            shutil.rmtree(child, ignore_errors=True)
+    for child in folder.iterdir():
+        if child.name.startswith(WORKING_PREFIXES):
+            _remove_if_abandoned(child.with_name(child.name.removesuffix(OWNER_SUFFIX)))
+
+
+def _owner_file(path: Path) -> Path:
+    return path.with_name(path.name + OWNER_SUFFIX)
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    """Remove the working folder `path` and its owner file if no live process holds its owner lock."""
+    owner_file = _owner_file(path)
+    if not owner_file.exists():  # made by an lmforge before owner files (or by ray_serve): its name holds the pid
+        if path.is_dir() and not _owner_alive(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    owner = FileLock(owner_file)
+    try:
+        owner.acquire(timeout=0)
+    except Timeout:  # its owner is alive and still working in it
+        return
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        owner.release()
+        owner_file.unlink(missing_ok=True)
+
+
+@contextmanager
+def building(store: Path, stage: str, ident: str, progress: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the store's lock on one artifact while making it, so two builds sharing a store never make the
+    same artifact twice: the second waits here, then finds the first one's artifact and reuses it.
+
+    filelock takes an OS-level lock that the kernel releases when its holder dies, kill -9 included, so a
+    killed build's lock is broken by the kernel itself and never blocks a later build. The empty lock file
+    stays in `<store>/.locks` on purpose: deleting it could let a waiter and a newcomer lock two different
+    files of the same name."""
+    locks = Path(store) / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(locks / f"{folder_name(stage, ident)}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress(f"[{stage}] waiting for another build making {folder_name(stage, ident)} in {store}; "
+                 "this build reuses it when it is done")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _owner_alive(temp_name: str) -> bool:
@@ -188,16 +348,19 @@ class ArtifactWriter:
     def __enter__(self) -> ArtifactWriter:
         self.store = Path(self.store)
         self.store.mkdir(parents=True, exist_ok=True)
-        self.dir = self.store / f"{TEMP_PREFIX}{folder_name(self.stage, self.ident)}-{os.getpid()}"
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir()
+        self._owned = ExitStack()
+        self.dir = self._owned.enter_context(
+            owned_folder(self.store / working_name(TEMP_PREFIX, folder_name(self.stage, self.ident))))
         self._started = time.time()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self._owned.close()
+
+    def working_folder(self):
+        """Scratch space for the stage beside its artifact (same disk, so large files move by rename), removed
+        when the block ends or, after a kill, by the next build."""
+        return working_folder(self.store, folder_name(self.stage, self.ident))
 
     def copy_text_files(self, parent: Artifact) -> None:
         """The tokenizer and chat template travel with every artifact derived from the export."""

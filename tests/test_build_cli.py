@@ -123,7 +123,8 @@ def test_build_killed_mid_stage_leaves_no_artifact(tiny_model_factory, tmp_path)
     # The next build cleans the dead build's temporary folder and completes.
     result = run_cli("export.build", "--model", model, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["engine", "export"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == [".locks", "engine", "export"]
+    assert not list(tmp_path.glob(".tmp-*"))  # the owner files of the killed build's folders too
 
 
 def test_anything_unexpected_exits_1_naming_the_log(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ verifies, measures and reports on CPU (tiny model) with the documented exit code
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -27,6 +28,51 @@ def test_workflow_parses_and_names_real_commands():
     cache = next(s for s in jobs["cpu"]["steps"] if s.get("uses", "").startswith("actions/cache"))
     assert cache["with"]["path"] == "artifacts" and "hashFiles(" in cache["with"]["key"]
     assert "python -m export.build" in ENTRY.read_text()
+
+
+def zizmor_findings(workflow, min_severity="medium"):
+    """zizmor's findings (JSON) on one workflow file: offline (no GitHub API), and without any config file
+    that could silence an audit."""
+    zizmor = shutil.which("zizmor")
+    if zizmor is None:
+        pytest.skip("zizmor is not installed (pip install -e '.[dev]')")
+    result = subprocess.run([zizmor, "--offline", "--no-config", "--format", "json", "--min-severity", min_severity,
+                             str(workflow)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip(), f"zizmor gave no JSON (exit {result.returncode}): {result.stderr[-500:]}"
+    return json.loads(result.stdout)
+
+
+def test_workflow_passes_the_zizmor_audit():
+    findings = zizmor_findings(WORKFLOW)
+    assert findings == [], "; ".join(f"{f['ident']} ({f['determinations']['severity']}): "
+                                     f"{f['locations'][0]['concrete']['feature']}" for f in findings)
+
+
+def test_zizmor_audit_catches_an_input_expanded_into_a_script(tmp_path):
+    """The audit above is live: the same workflow with one input expanded straight into `run:` fails it."""
+    text = WORKFLOW.read_text()
+    injected = text.replace('run: ci/build.sh "$MODEL" "$PRECISIONS"',
+                            'run: ci/build.sh "${{ inputs.model }}" "$PRECISIONS"')
+    assert injected != text
+    (tmp_path / "workflow.yml").write_text(injected)
+    assert "template-injection" in {f["ident"] for f in zizmor_findings(tmp_path / "workflow.yml")}
+
+
+def test_gpu_job_is_opt_in_checks_the_gpu_first_and_scripts_see_inputs_only_through_env():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    gpu = workflow["jobs"]["gpu"]
+    assert "inputs.gpu" in gpu["if"], "without an opt-in the job waits forever where no GPU runner exists"
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as a boolean
+    assert triggers["workflow_dispatch"]["inputs"]["gpu"]["default"] is False
+    runs = [step.get("run", "") for step in gpu["steps"]]
+    check = runs.index("ci/gpu-check.sh")
+    assert check < next(i for i, run in enumerate(runs) if "ci/build.sh" in run)
+    for job in workflow["jobs"].values():
+        assert job["permissions"] == {"contents": "read"}
+        for step in job["steps"]:
+            assert "${{" not in step.get("run", ""), step["run"]
+            if step.get("uses", "").startswith("actions/checkout"):
+                assert step["with"]["persist-credentials"] is False
 
 
 def run_entry(*args):
