@@ -4,7 +4,9 @@ checked against PyTorch before it becomes an artifact."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import resource
 import time
 import warnings
@@ -19,6 +21,7 @@ from export.passes.naming import NameLinearLayersPass
 from runtime.artifact import Artifact, ArtifactWriter
 from runtime.baselines import kv_names, plain_greedy, plain_session
 from runtime.errors import AccuracyError
+from runtime.model_folder import GENERATION_CONFIG, HF_CONFIG, pruned_hf_config, write_json
 
 MODEL_FILE = "model.onnx"
 STAGE = "export"
@@ -257,6 +260,7 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_me
     facts = model_facts(model, tokenizer) | {"linear_layers": linear_layers}
     if tokenizer is not None:
         tokenizer.save_pretrained(writer.dir)
+    write_hf_files(model, facts, writer.dir)
     parity = check_parity(model, onnx_path, facts, tokenizer, config)
     if not parity["passed"]:
         raise AccuracyError(
@@ -272,6 +276,32 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_me
     } | (extra_metrics or {})
     io = describe_io(onnx_path) | {"model": facts}
     return writer.commit(io=io, metrics=metrics, precision="fp32")
+
+
+# The projection each decoder layer's MLP ends with (Llama-style, GPT-2's Conv1D, GPT-NeoX): its input width is
+# the layer's MLP width, which a pruned-then-distilled model may no longer share with its config.
+MLP_OUTPUT_PROJECTION = re.compile(r"\.(\d+)\.mlp\.(down_proj|c_proj|dense_4h_to_h)$")
+
+
+def mlp_widths(model) -> list[int] | None:
+    """Each decoder layer's MLP width, read from its modules; None where no layer's MLP is recognised."""
+    widths = {}
+    for name, module in model.named_modules():
+        match = MLP_OUTPUT_PROJECTION.search(name)
+        width = getattr(module, "in_features", None) or getattr(module, "nx", None)  # nn.Linear, GPT-2's Conv1D
+        if match and width:
+            widths[int(match[1])] = int(width)
+    return [widths[i] for i in sorted(widths)] or None
+
+
+def write_hf_files(model, facts: dict, folder: Path) -> None:
+    """config.json and generation_config.json as `save_pretrained` writes them, with the graph's facts (a model
+    pruned in PyTorch before distillation keeps its unpruned config): Hugging Face tooling reads them."""
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    write_json(folder / HF_CONFIG, pruned_hf_config(config, facts, mlp_widths(model)))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        write_json(folder / GENERATION_CONFIG, json.loads(generation.to_json_string(use_diff=True)))
 
 
 def _check_model(onnx_path: Path) -> None:

@@ -76,8 +76,9 @@ def plain_greedy(session, facts: dict, prompt: np.ndarray, steps: int) -> LoopRu
 
 
 def genai_loop(model_dir: str | Path, prompt: list[int], steps: int, threads: int | None):
-    """onnxruntime-genai's own generation loop on a model its builder made: a function that runs one greedy
-    generation of exactly `steps` tokens and returns (TTFT ms, decode step ms)."""
+    """onnxruntime-genai's own generation loop on a folder with a genai_config.json (its builder's model, or an
+    lmforge engine): a function that runs one greedy generation of exactly `steps` tokens and returns
+    (TTFT ms, decode step ms)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))

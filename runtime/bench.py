@@ -6,7 +6,8 @@ onnxruntime-Python loop is measured in the same process, runs alternated with ou
 machine state; PyTorch eager (transformers `generate`) is measured afterwards in a subprocess when torch is
 installed. `--genai fp32,int8,int4` adds onnxruntime-genai's own builder and loop on the same source weights
 (built once in a subprocess and cached; needs onnxruntime-genai), runs alternated with ours. Each baseline is
-printed as a ratio to this runtime. Warm-up runs are kept apart.
+printed as a ratio to this runtime. `--genai` also drives onnxruntime-genai's loop on this artifact's own graph
+(`--genai engine` does only that), so the two runtimes are compared on the same graph. Warm-up runs are kept apart.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from runtime import artifact as artifacts
 from runtime.baselines import genai_loop, plain_greedy, plain_session
 from runtime.errors import LmforgeError
 from runtime.generate import GenerationConfig, generate
+from runtime.model_folder import genai_folder
 from runtime.progress import track
 from runtime.report import percentile
 from runtime.session import SessionOptions
@@ -132,6 +134,20 @@ def onnxruntime_genai(art: artifacts.Artifact, precision: str, prompt: list[int]
     return genai_loop(result.stdout.strip().splitlines()[-1], prompt, gen_len, threads)
 
 
+GENAI_ENGINE = "engine"  # `--genai engine`: onnxruntime-genai's loop on the artifact's own graph
+GENAI_ON_ENGINE = "onnxruntime-genai on this engine"
+
+
+def onnxruntime_genai_on_engine(art: artifacts.Artifact, prompt: list[int], gen_len: int, threads: int
+                                ) -> Callable[[], Run]:
+    """onnxruntime-genai's loop on this very artifact (its genai_config.json, or one written from the manifest
+    for an artifact built before the file existed): what each runtime does with the same graph."""
+    folder, temporary = genai_folder(art)
+    run = genai_loop(folder, prompt, gen_len, threads)
+    run.keeps = temporary  # the linked folder lives as long as the runner
+    return run
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -159,7 +175,9 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
             other, prompt, gen_len, options)
     if baselines:
         runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
-    for precision in genai:
+    if genai:
+        runners[GENAI_ON_ENGINE] = onnxruntime_genai_on_engine(art, prompt, gen_len, threads)
+    for precision in (p for p in genai if p != GENAI_ENGINE):
         runners[f"onnxruntime-genai {precision}"] = onnxruntime_genai(art, precision, prompt, gen_len, threads)
     results = {name: Measurements(name) for name in runners}
     for name, run in runners.items():
@@ -220,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", action="store_true",
                         help="also measure the plain onnxruntime-Python loop and PyTorch eager")
     parser.add_argument("--genai", default="",
-                        help="also measure onnxruntime-genai's builder and loop at these precisions (fp32,int8,int4)")
+                        help="also measure onnxruntime-genai's loop on this artifact's graph and on its builder's "
+                             "model at these precisions (fp32,int8,int4; 'engine': this artifact's graph only)")
     parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
     parser.add_argument("--compare", nargs="*", default=[],
                         help="more artifacts to run through this runtime in the same run (e.g. the fp32 parent)")
