@@ -98,9 +98,7 @@ def smoothquant_strength(config: CalibrationConfig) -> float | None:
 
 
 def stage_config(config: CalibrationConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data.pop("threads")  # does not change the result
-    return data
+    return asdict(config)
 
 
 def validate(config: CalibrationConfig, layers: list[str]) -> None:

@@ -48,8 +48,7 @@ class TrtConfig:
 
 
 def stage_config(config: TrtConfig) -> dict[str, Any]:
-    # Where the timing cache lives changes how fast a build is, never what it builds.
-    return {"backend": "trt"} | {k: v for k, v in asdict(config).items() if k != "timing_cache_dir"}
+    return {"backend": "trt"} | asdict(config)
 
 
 Shape = tuple[int, ...]

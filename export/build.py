@@ -256,26 +256,56 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_stage(store: Path, stage: str, parent: str, stage_config: dict, produce, record: dict | None = None
+@dataclass(frozen=True)
+class Stage:
+    """One step of the build: the artifact stage it writes and the modules it runs. Their source, and that of
+    every lmforge module they import, enters the stage's artifact ids; no other code does, so editing the server
+    rebuilds nothing."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+EXPORT = Stage(onnx_export.STAGE, ("export.onnx_export", "export.models"))
+PRUNE = Stage(prune.STAGE, ("export.prune",))
+DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "calibration.data"))
+CALIBRATE = Stage(calibrate.STAGE, ("calibration.calibrate",))
+FP16 = Stage(fp16.STAGE, ("engines.fp16", "engines.verify"))
+ENGINES = {"ort": Stage(ort_engine.STAGE, ("engines.ort", "engines.verify")),
+           "trt": Stage(trt_engine.STAGE, ("engines.trt", "engines.verify"))}
+# Settings that change how fast a stage runs, never what it writes: recorded, but left out of every id alike.
+OUTPUT_NEUTRAL = ("threads", "timing_cache_dir")
+
+
+def stage_id(stage: Stage, parent: str, stage_config: dict) -> tuple[str, dict]:
+    """The artifact id of `stage` run with `stage_config` on `parent`, and the tool versions it was made with."""
+    versions = artifacts.tool_versions(stage.modules)
+    identity = {key: value for key, value in stage_config.items() if key not in OUTPUT_NEUTRAL}
+    return artifacts.artifact_id(parent, stage.name, identity, versions), versions
+
+
+def run_stage(store: Path, stage: Stage, parent: str, stage_config: dict, produce, record: dict | None = None
               ) -> StageResult:
     """Reuse the stage's artifact if its id exists in the store; else produce it into an ArtifactWriter,
     holding the artifact's lock so that a build sharing the store waits for it instead of making it too."""
     started = time.perf_counter()
-    ident = artifacts.artifact_id(parent, stage, stage_config, artifacts.tool_versions())
+    ident, versions = stage_id(stage, parent, stage_config)
+    stage = stage.name
     found = artifacts.find(store, stage, ident)
     if found is None:
         with artifacts.building(store, stage, ident, progress):
             found = artifacts.find(store, stage, ident)  # made by the build this one waited for
             if found is None:
-                result = write_stage(store, stage, ident, parent, stage_config | (record or {}), produce)
+                result = write_stage(store, stage, ident, parent, stage_config | (record or {}), versions, produce)
                 progress(f"[{stage}] done in {time.perf_counter() - started:.1f}s -> {result.path}")
                 return StageResult(stage, result, time.perf_counter() - started, reused=False)
     progress(f"[{stage}] reusing {found.path}")
     return StageResult(stage, found, time.perf_counter() - started, reused=True)
 
 
-def write_stage(store: Path, stage: str, ident: str, parent: str, config: dict, produce) -> artifacts.Artifact:
-    with artifacts.ArtifactWriter(store, stage, ident, parent, config) as writer:
+def write_stage(store: Path, stage: str, ident: str, parent: str, config: dict, versions: dict, produce
+                ) -> artifacts.Artifact:
+    with artifacts.ArtifactWriter(store, stage, ident, parent, config, versions) as writer:
         try:
             return produce(writer)
         except Exception as exc:
@@ -308,13 +338,13 @@ def run_export(config: BuildConfig) -> StageResult:
         with Ticker("[export]"):
             return onnx_export.run(model, tokenizer, writer, config.export)
 
-    return run_stage(config.out, onnx_export.STAGE, source.fingerprint, onnx_export.stage_config(config.export),
+    return run_stage(config.out, EXPORT, source.fingerprint, onnx_export.stage_config(config.export),
                      produce, record={"model": source.spec})
 
 
 def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str) -> StageResult:
     calibration_config = replace(config.calibration, precision=precision)
-    return run_stage(config.out, calibrate.STAGE, parent.id, calibrate.stage_config(calibration_config),
+    return run_stage(config.out, CALIBRATE, parent.id, calibrate.stage_config(calibration_config),
                      lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
 
 
@@ -334,7 +364,7 @@ def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Calla
     def produce(writer):
         return build(writer, lambda engine: verify(engine, parent, reference()))
 
-    return run_stage(config.out, ort_engine.STAGE, parent.id, stage_config, produce)
+    return run_stage(config.out, ENGINES[backend], parent.id, stage_config, produce)
 
 
 def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callable[[], Reference]:
@@ -460,7 +490,7 @@ def run_fp16(config: BuildConfig, parent: artifacts.Artifact, reference: Callabl
         return fp16.run(parent, writer, reference(), allow_loss=config.calibration.allow_accuracy_loss,
                         progress=progress)
 
-    return run_stage(config.out, fp16.STAGE, parent.id, {"verification_data": asdict(data)}, produce)
+    return run_stage(config.out, FP16, parent.id, {"verification_data": asdict(data)}, produce)
 
 
 def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
@@ -478,14 +508,14 @@ def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
         return distill.run(teacher, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), samples.calibration,
                            samples.evaluation, writer, settings, config.export, progress=progress)
 
-    return run_stage(config.out, distill.STAGE, pruned.id, distill.stage_config(settings), produce)
+    return run_stage(config.out, DISTILL, pruned.id, distill.stage_config(settings), produce)
 
 
 def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
     if config.pruning.plan_file and not Path(config.pruning.plan_file).is_file():
         raise BadInputError(f"--prune-plan {config.pruning.plan_file} does not exist; pass the plan.json of a "
                             "prune artifact")
-    return run_stage(config.out, prune.STAGE, parent.id, prune.stage_config(config.pruning),
+    return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning),
                      lambda writer: prune.run(parent, writer, config.pruning, progress=progress))
 
 

@@ -7,6 +7,7 @@ content-addressed from how it was made, so a finished stage is found again and r
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -41,32 +42,73 @@ TOOL_PACKAGES = ("lmforge", "torch", "transformers", "onnx", "onnx-ir", "onnxscr
                  "onnxruntime-gpu", "tensorrt")
 
 
-# lmforge's own packages: a change to their code changes what the stages write, so it enters the ids too.
+# lmforge's own packages: a change to the code a stage runs changes what it writes, so it enters its id too.
 SOURCE_PACKAGES = ("export", "calibration", "engines", "runtime")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tool_versions() -> dict[str, str | None]:
+def tool_versions(modules: tuple[str, ...] = ()) -> dict[str, str | None]:
     """Installed versions of the tools, read from package metadata (importing torch here would break
-    the runtime's promise to services that it never loads torch), plus a digest of lmforge's source."""
+    the runtime's promise to services that it never loads torch), plus a digest of the lmforge source that
+    `modules` run (every module when none are named)."""
     versions = {}
     for name in TOOL_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    versions["lmforge_source"] = source_digest()
+    versions["lmforge_source"] = source_digest(modules)
     return versions
 
 
-def source_digest() -> str:
-    """sha256 over lmforge's Python sources, so editing a stage's code rebuilds what it produced."""
-    root = Path(__file__).resolve().parents[1]
+def source_digest(modules: tuple[str, ...] = (), root: Path = SOURCE_ROOT) -> str:
+    """sha256 over the source files `modules` import, directly or not (all of lmforge when none are named),
+    so editing a stage's code rebuilds what it produced, and editing anything else does not."""
+    files = (source_closure(modules, root) if modules
+             else sorted(f for package in SOURCE_PACKAGES for f in (root / package).rglob("*.py")))
     digest = hashlib.sha256()
-    for package in SOURCE_PACKAGES:
-        for file in sorted((root / package).rglob("*.py")):
-            digest.update(str(file.relative_to(root)).encode())
-            digest.update(file.read_bytes())
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def source_closure(modules: tuple[str, ...], root: Path = SOURCE_ROOT) -> list[Path]:
+    """The files of `modules` and of every lmforge module they import (at any depth, function-level imports
+    included, with the packages' __init__ files), sorted."""
+    seen: set[Path] = set()
+    pending = [file for name in modules for file in module_files(name, root)]
+    while pending:
+        file = pending.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        pending += [found for name in imported_modules(file) for found in module_files(name, root)]
+    return sorted(seen)
+
+
+def module_files(name: str, root: Path) -> list[Path]:
+    """The source files that importing `name` runs: each package's __init__.py on the way, then the module.
+    Names outside lmforge's packages (and names that are not modules) give none."""
+    parts = name.split(".")
+    if parts[0] not in SOURCE_PACKAGES:
+        return []
+    files = [root.joinpath(*parts[:depth], "__init__.py") for depth in range(1, len(parts) + 1)]
+    files.append(root.joinpath(*parts).with_suffix(".py"))
+    return [file for file in files if file.is_file()]
+
+
+def imported_modules(file: Path) -> set[str]:
+    """Dotted names of everything the file imports; `from a.b import c` names both a.b and a.b.c, since c may
+    be a module (module_files drops the name that is not)."""
+    names = set()
+    for node in ast.walk(ast.parse(file.read_bytes(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
 
 
 def artifact_id(parent: str | None, stage: str, config: dict[str, Any], versions: dict[str, Any]) -> str:
@@ -343,6 +385,8 @@ class ArtifactWriter:
     ident: str
     parent: str | None
     config: dict[str, Any]
+    # The tool versions (and source digest) the id was made from; None: every tool and all of lmforge's source.
+    versions: dict[str, Any] | None = None
     dir: Path = field(init=False)
 
     def __enter__(self) -> ArtifactWriter:
@@ -375,7 +419,7 @@ class ArtifactWriter:
         return Artifact(self.dir, {"id": self.ident, "stage": self.stage, "files": files, "io": io} | manifest)
 
     def commit(self, io: dict[str, Any], metrics: dict[str, Any] | None = None, precision: str = "fp32",
-               backend: str | None = None, versions: dict[str, Any] | None = None) -> Artifact:
+               backend: str | None = None) -> Artifact:
         files = {
             str(p.relative_to(self.dir)): {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(self.dir.rglob("*")) if p.is_file()
@@ -391,7 +435,7 @@ class ArtifactWriter:
             "io": io,
             "precision": precision,
             "backend": backend,
-            "versions": versions if versions is not None else tool_versions(),
+            "versions": self.versions if self.versions is not None else tool_versions(),
             "metrics": metrics or {},
         }
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))

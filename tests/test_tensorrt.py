@@ -377,7 +377,11 @@ def test_timing_cache_file_is_keyed_by_tensorrt_version_and_gpu_architecture(tmp
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     assert trt_engine.timing_cache_dir(trt_engine.TrtConfig()) == tmp_path / "cache" / "tensorrt"
     assert trt_engine.timing_cache_dir(trt_engine.TrtConfig(timing_cache_dir=str(tmp_path))) == tmp_path
-    assert "timing_cache_dir" not in trt_engine.stage_config(trt_engine.TrtConfig())  # never changes the plan
+    from export.build import ENGINES, stage_id
+
+    ids = {stage_id(ENGINES["trt"], "parent", trt_engine.stage_config(trt_engine.TrtConfig(timing_cache_dir=where)))[0]
+           for where in (None, str(tmp_path))}
+    assert len(ids) == 1  # where the cache lives never changes the plan
 
 
 @pytest.mark.parametrize("saved, create_raises, expected", [
