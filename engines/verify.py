@@ -88,11 +88,16 @@ def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str
 
 
 def parent_increase(parent: Artifact, reference: Reference) -> float:
-    """The perplexity increase the parent artifact was accepted with (0 for an fp32 export)."""
-    recorded = parent.metrics.get("accuracy", {})
-    if "perplexity" not in recorded:
+    """The perplexity increase the parent artifact was accepted with: 0 when the parent is the reference graph
+    itself, else the increase its own gate measured, on its own windows against its own float baseline (a
+    ratio of perplexities from different windows would be meaningless)."""
+    if parent.id == reference.export.id:
         return 0.0
-    return 100 * (recorded["perplexity"] / reference.evaluation.perplexity - 1)
+    recorded = parent.metrics.get("accuracy", {})
+    baseline = recorded.get("perplexity_fp32") or recorded.get("perplexity_parent")
+    if "perplexity" not in recorded or not baseline:
+        return 0.0
+    return 100 * (recorded["perplexity"] / baseline - 1)
 
 
 def evaluate_engine(engine: Artifact, windows: np.ndarray, threads: int) -> accuracy.Evaluation:

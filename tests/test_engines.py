@@ -191,3 +191,22 @@ def test_float16_build_passes_its_gate_and_fuses(tiny_model_factory, tmp_path):
     engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
     assert engine["metrics"]["fusion"]["attention"] == "fused"
     assert abs(engine["metrics"]["verification"]["perplexity_increase_percent"]) < 0.5
+
+
+@pytest.mark.parametrize("parent_metrics, parent_is_reference, expected", [
+    ({"accuracy": {"perplexity": 11.0, "perplexity_fp32": 10.0}}, False, 10.0),  # calibrate: its own baseline
+    ({"accuracy": {"perplexity": 22.0, "perplexity_parent": 20.0}}, False, 10.0),  # prune
+    ({"accuracy": {"perplexity": 11.0, "perplexity_parent": 10.0}}, True, 0.0),  # the reference graph itself
+    ({"distillation": {}}, False, 0.0),  # no gate recorded
+])
+def test_the_parents_allowance_is_its_own_gates_figure_whatever_windows_the_reference_used(
+        tmp_path, parent_metrics, parent_is_reference, expected):
+    from engines.verify import parent_increase
+    from runtime.accuracy import Evaluation
+
+    export = artifacts.Artifact(tmp_path, {"id": "export0", "metrics": {}})
+    parent = export if parent_is_reference else artifacts.Artifact(tmp_path, {"id": "parent0"})
+    parent = artifacts.Artifact(tmp_path, {"id": parent.id, "metrics": parent_metrics})
+    # The reference's windows differ from the parent's: its perplexity is unrelated to the parent's baseline.
+    reference = Reference(export, np.zeros((1, 4), np.int64), Evaluation(30.0, []), threads=1)
+    assert parent_increase(parent, reference) == pytest.approx(expected)
