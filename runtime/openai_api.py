@@ -52,12 +52,16 @@ def shown(value) -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    """`code`: OpenAI's machine-readable code where it has one (a wrong key: 'invalid_api_key'), else the status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        code = self.code if self.code is not None else self.status
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": code}}
 
 
 def bad(message: str, param: str | None = None) -> ApiError:

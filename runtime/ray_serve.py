@@ -48,7 +48,7 @@ from runtime import artifact as artifacts
 from runtime.errors import ArtifactError, BadInputError, LmforgeError
 from runtime.generate import GenerationConfig
 from runtime.prefix_cache import BLOCK
-from runtime.serve import Limits, Metrics, create_app, startup_line
+from runtime.serve import API_KEY_ENV, Access, Limits, Metrics, api_key_from, create_app, startup_line
 from runtime.service import (
     Event,
     QueueFullError,
@@ -632,14 +632,14 @@ class IngressCore:
     endpoint for every replica, with the engine deployment watched, and health and metrics over all replicas."""
 
     async def start(self, engine, spec: ArtifactSpec, config: ServiceConfig, name: str | None, limits: Limits,
-                    capacity: int, replica_timeout_s: float = 10) -> None:
+                    capacity: int, replica_timeout_s: float = 10, access: Access = Access()) -> None:
         self.engine, self.timeout = engine, replica_timeout_s
         self.label = replica_label()
         self.app_name = serve.get_replica_context().app_name
         artifact = node_artifact(spec, only=artifacts.TEXT_FILES)
         self.service = RemoteService(engine, artifact, config, capacity)
         self.http_app = create_app(artifact, name, limits=limits, service=self.service, health=self.health,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, access=access)
         await self.wait_for_engine()
         self.watcher = asyncio.ensure_future(self.watch_engine())
 
@@ -695,8 +695,8 @@ class OpenAIIngress(IngressCore):
     """The app behind Ray Serve's HTTP proxy (one per node): what `serve run` and KubeRay deploy. Serve drains the
     proxied requests before the app's shutdown runs."""
 
-    async def __init__(self, *args):
-        await self.start(*args)
+    async def __init__(self, *args, access: Access = Access()):
+        await self.start(*args, access=access)
 
     def __serve_build_asgi_app__(self):
         return self.http_app
@@ -729,8 +729,8 @@ class ListeningIngress(IngressCore):
     # client as an error event rather than as a dropped connection.
     EXTRA_DRAIN_S = 5
 
-    async def __init__(self, *args, host: str, port: int, drain_timeout_s: float):
-        await self.start(*args)
+    async def __init__(self, *args, host: str, port: int, drain_timeout_s: float, access: Access = Access()):
+        await self.start(*args, access=access)
         listener = socket.create_server((host, port))  # a port already taken fails here, with its address
         self.drain_s = drain_timeout_s + self.EXTRA_DRAIN_S
         self.server = uvicorn_server(self.http_app, self.drain_s)
@@ -760,11 +760,14 @@ def engine_status(app_name: str) -> dict:
 
 def build_application(artifact_path: str, scale: ScaleOut = ScaleOut(), config: ServiceConfig = ServiceConfig(),
                       limits: Limits = Limits(), name: str | None = None, source=None,
-                      replica_class: type = EngineReplica, listen: tuple[str, int] | None = None):
+                      replica_class: type = EngineReplica, listen: tuple[str, int] | None = None,
+                      access: Access = Access()):
     """The Serve application: the ingress bound to the engine deployment. The driver reads only the manifest;
     each replica verifies the files it loads where it runs. `listen`: (host, port) for a ListeningIngress on this
     node, else an OpenAIIngress behind Ray Serve's proxy. `replica_class`: EngineReplica or a subclass that
-    wraps it (tests slow it down)."""
+    wraps it (tests slow it down). `access`: the API key, which reaches the ingress as a bound argument (pickled
+    through Ray's control plane, never on a command line; its repr is hidden); the engine replicas need none, as
+    only the ingress takes requests."""
     scale.validate()
     config.validate()
     scale = scale.resolved(config.max_batch)
@@ -782,11 +785,11 @@ def build_application(artifact_path: str, scale: ScaleOut = ScaleOut(), config: 
     if listen is None:
         ingress = serve.deployment(serve.ingress()(OpenAIIngress)).options(
             name=INGRESS, num_replicas=scale.ingress_replicas, ray_actor_options={"num_cpus": 0}, **common)
-        return ingress.bind(*args)
+        return ingress.bind(*args, access=access)
     here = {"num_cpus": 0, "resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}  # where --host is
     ingress = serve.deployment(ListeningIngress).options(name=INGRESS, num_replicas=1, ray_actor_options=here,
                                                          **common)
-    return ingress.bind(*args, host=listen[0], port=listen[1], drain_timeout_s=scale.drain_timeout_s)
+    return ingress.bind(*args, host=listen[0], port=listen[1], drain_timeout_s=scale.drain_timeout_s, access=access)
 
 
 def engine_options(scale: ScaleOut, config: ServiceConfig) -> dict:
@@ -803,12 +806,18 @@ def engine_options(scale: ScaleOut, config: ServiceConfig) -> dict:
 def app_builder(args: dict):
     """`serve run runtime.ray_serve:app_builder artifact=/models/engine replicas=2`, or a Serve config file's
     `import_path` with `args:` (KubeRay's RayService, deploy/rayservice.yaml): the command line's flags as keys,
-    without the dashes. The artifact must be at that path on every node (no driver stays to hand it out)."""
+    without the dashes. The artifact must be at that path on every node (no driver stays to hand it out).
+    The API key comes from $LMFORGE_API_KEY where the application is built (a Kubernetes Secret on the head pod),
+    so that it stays out of the Serve config; an `api_key` arg works too, and is as visible as that config."""
     from runtime.serve import build_parser
 
     options = build_parser().parse_args(builder_argv(args))
+    access = Access(api_key_from(options.api_key), options.public_metrics)
+    if access.key is None:  # Serve's proxy listens on every node: whoever reaches one may call the model
+        logger.warning("no API key (%s is not set): anyone who can reach Ray Serve's proxy can run the model and "
+                       "read its metrics; set it where the application is built", API_KEY_ENV)
     return build_application(options.artifact, scale_out(options), service_config(options), limits(options),
-                             options.name)
+                             options.name, access=access)
 
 
 def builder_argv(args: dict) -> list[str]:
@@ -871,9 +880,10 @@ def cpu_shortfall(scale: ScaleOut) -> str | None:
             "fewer --replicas or --threads")
 
 
-def main(options) -> int:
+def main(options, access: Access = Access()) -> int:
     """`python -m runtime.serve ARTIFACT --replicas N [--ray-address auto]`: run until SIGINT or SIGTERM, then
-    drain (each replica finishes its requests for up to --drain-timeout seconds) and stop."""
+    drain (each replica finishes its requests for up to --drain-timeout seconds) and stop. `access`: the API key
+    runtime.serve read from --api-key or the environment."""
     try:
         scale, config = scale_out(options), service_config(options)
         scale.validate()
@@ -906,7 +916,7 @@ def main(options) -> int:
             serve.start(proxy_location="Disabled")  # the ingress listens on --port itself
         source = start_artifact_source(str(Path(options.artifact).resolve()), manifest)
         app = build_application(options.artifact, scale, config, limits(options), options.name, source,
-                                listen=None if proxied else (options.host, options.port))
+                                listen=None if proxied else (options.host, options.port), access=access)
         started = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/" if proxied else None)
         status = engine_status(APP_NAME)

@@ -1,7 +1,8 @@
 """`python -m runtime.serve ARTIFACT --port 8000`: an OpenAI-compatible server over one engine.
 
 /v1/completions and /v1/chat/completions (streaming by server-sent events, or whole), /v1/models, /health and
-/metrics (Prometheus, with the OpenTelemetry gen_ai metric names where they exist). Loopback by default.
+/metrics (Prometheus, with the OpenTelemetry gen_ai metric names where they exist). Loopback by default; with
+$LMFORGE_API_KEY (or --api-key) every request but /health needs `Authorization: Bearer <key>` (docs/serving.md).
 A thin HTTP layer: requests are parsed by runtime/openai_api.py and run by the Service (runtime/service.py:
 continuous batching, prefix cache), whose worker thread does the engine work, so the event loop only moves
 bytes. Starlette + uvicorn: a small, well-kept ASGI stack.
@@ -15,7 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from runtime import artifact as artifacts
-from runtime.errors import LmforgeError
+from runtime.errors import BadInputError, LmforgeError
 from runtime.openai_api import (
     ApiError,
     Budget,
@@ -51,6 +56,17 @@ class Limits:
     max_tokens: int = 512           # per request
     max_prompt_tokens: int = 4096   # also bounded by the model's context
     max_body_bytes: int = 1 << 20
+
+    def validate(self) -> None:
+        for name in ("max_tokens", "max_prompt_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:  # a server that refuses every request is a mistake, not a setting
+                raise BadInputError(f"--{name.replace('_', '-')} {getattr(self, name)} would refuse every request; "
+                                    "give at least 1")
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise BadInputError(f"--port {port} is not a TCP port; give one from 0 to 65535")
 
 
 class Metrics:
@@ -127,6 +143,106 @@ def error_response(error: ApiError):
     from starlette.responses import JSONResponse
 
     return JSONResponse(error.body(), status_code=error.status)
+
+
+# -- who may call: the API key -----------------------------------------------------------------------------------
+
+API_KEY_ENV = "LMFORGE_API_KEY"  # the key's way in that stays out of `ps` and /proc/*/cmdline
+
+
+class ApiKey:
+    """The server's secret. Its repr hides it, so that a log line, a traceback's locals or Ray's record of a
+    deployment's arguments never print it."""
+
+    def __init__(self, secret: str):
+        # Hashed once: comparing fixed-length digests hides the key's length as well as its bytes.
+        self._digest = hashlib.sha256(secret.encode()).digest()
+
+    def matches(self, presented: bytes) -> bool:
+        return hmac.compare_digest(hashlib.sha256(presented).digest(), self._digest)
+
+    def __repr__(self) -> str:
+        return "ApiKey(<hidden>)"
+
+
+def api_key_from(flag: str | None, environ=os.environ) -> ApiKey | None:
+    """The key from --api-key, else from $LMFORGE_API_KEY, else None (no authentication). An empty or unsendable
+    key is refused: `LMFORGE_API_KEY=$UNSET_VARIABLE` must not quietly open the server to everyone."""
+    source, value = ("--api-key", flag) if flag is not None else (API_KEY_ENV, environ.get(API_KEY_ENV))
+    if value is None:
+        return None
+    if not value:
+        raise BadInputError(f"{source} is set but empty; give it the key clients will send, or unset it to serve "
+                            "without authentication")
+    if not all(33 <= ord(c) <= 126 for c in value):  # what an HTTP header carries unchanged (RFC 6750's token68)
+        raise BadInputError(f"{source} holds spaces or characters outside printable ASCII, which clients cannot "
+                            "send in an Authorization header; use letters, digits and punctuation only")
+    return ApiKey(value)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server. `key` None: anyone who reaches the port. /health is always open (load balancers
+    and Kubernetes probe it without credentials; it reveals readiness, no data). /metrics needs the key unless
+    `public_metrics`: its counters reveal the traffic (requests, tokens, latencies), and Prometheus sends a bearer
+    token with one line of scrape config; the flag is for scrapers that cannot."""
+
+    key: ApiKey | None = None
+    public_metrics: bool = False
+
+    def open_paths(self) -> frozenset[str]:
+        return frozenset({"/health", "/metrics"} if self.public_metrics else {"/health"})
+
+
+def presented_key(scope) -> bytes | None:
+    """The token of the request's first `Authorization: Bearer <token>` header, or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            parts = value.split(None, 1)  # RFC 9110 says one or more spaces; tabs are forgiven too
+            return parts[1].strip() if len(parts) == 2 and parts[0].lower() == b"bearer" else None
+    return None
+
+
+class RequireKey:
+    """ASGI middleware that answers 401 (OpenAI's error shape) before the app sees a request without the key.
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer server-sent event streams."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access, self.open_paths = app, access, access.open_paths()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        presented = presented_key(scope)
+        if presented is not None and self.access.key.matches(presented):
+            return await self.app(scope, receive, send)
+        response = error_response(unauthorized(presented))
+        response.headers["www-authenticate"] = 'Bearer realm="lmforge"'
+        await response(scope, receive, send)
+
+
+def unauthorized(presented: bytes | None) -> ApiError:
+    if presented is None:
+        return ApiError(401, "missing API key: this server needs the header `Authorization: Bearer <key>` (the "
+                             f"key it was started with, --api-key or ${API_KEY_ENV})", code="invalid_api_key")
+    return ApiError(401, "incorrect API key: send the key this server was started with (--api-key or "
+                         f"${API_KEY_ENV}) as `Authorization: Bearer <key>`", code="invalid_api_key")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only localhost is known to stay on this machine
+        return host == "localhost"
+
+
+def exposure_warning(host: str, port: int, access: Access) -> str | None:
+    """What to print when the server listens beyond this machine and anyone may call it."""
+    if access.key is not None or is_loopback(host):
+        return None
+    return (f"warning: listening on {host}:{port} without an API key: anyone who can reach this port can run the "
+            f"model on this machine's compute and read its metrics; set {API_KEY_ENV} (or --api-key) so that "
+            "requests need `Authorization: Bearer <key>`")
 
 
 @dataclass(eq=False)
@@ -432,11 +548,13 @@ class Server:
 
 def create_app(artifact: artifacts.Artifact, name: str | None = None, options: SessionOptions | None = None,
                limits: Limits = Limits(), service_config: ServiceConfig = ServiceConfig(), service=None,
-               health=None, metrics=None):
+               health=None, metrics=None, access: Access = Access()):
     """The app over an engine this process opens, or over `service`, one that is ready (runtime/ray_serve.py's,
     whose jobs run on many replicas). `health` (async, returns a status code and a body) and `metrics` (async,
-    returns the exposition and its media type) then say how that service reports."""
+    returns the exposition and its media type) then say how that service reports. `access`: the API key."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -473,6 +591,12 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
         body, media = await report_metrics()
         return Response(body, media_type=media)
 
+    async def routing_error(request, exc):
+        # Starlette's 404 and 405 in OpenAI's error shape, so that every refusal parses the same way.
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -482,7 +606,8 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
                             Route("/v1/chat/completions", chat, methods=["POST"]),
                             Route("/v1/models", models), Route("/health", health_endpoint),
                             Route("/metrics", metrics_endpoint)],
-                    lifespan=lifespan)
+                    lifespan=lifespan, exception_handlers={HTTPException: routing_error},
+                    middleware=[Middleware(RequireKey, access=access)] if access.key is not None else [])
     app.state.service, app.state.metrics = service, local_metrics
     return app
 
@@ -500,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 to listen everywhere")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help=f"requests must send `Authorization: Bearer <key>` (/health stays open); prefer "
+                             f"${API_KEY_ENV}, which process listings do not show")
+    parser.add_argument("--public-metrics", action="store_true",
+                        help="serve /metrics without the API key (for a scraper that cannot send one)")
     parser.add_argument("--name", default=None, help="the model name clients send (default: the engine id)")
     parser.add_argument("--threads", type=int, default=None)
     defaults = ServiceConfig()
@@ -547,13 +677,23 @@ def uses_ray(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # everything the flags alone can get wrong, before a cluster starts or an engine loads
+        check_port(args.port)
+        Limits(args.max_tokens, args.max_prompt_tokens).validate()
+        access = Access(api_key_from(args.api_key), args.public_metrics)
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    warning = exposure_warning(args.host, args.port, access)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if uses_ray(args):
         try:
             from runtime import ray_serve
         except ImportError as exc:
             print(f"error: scaling out needs Ray Serve ({exc}): pip install 'lmforge[ray]'", file=sys.stderr)
             return 4
-        return ray_serve.main(args)
+        return ray_serve.main(args, access)
     try:
         import uvicorn
     except ImportError:
@@ -565,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ServiceConfig(max_batch=args.max_batch, max_context=args.max_context,
                                prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb,
                                queue_size=args.queue_size, continuous=not args.no_continuous_batching)
-        app = create_app(art, args.name, options, Limits(args.max_tokens, args.max_prompt_tokens), config)
+        app = create_app(art, args.name, options, Limits(args.max_tokens, args.max_prompt_tokens), config,
+                         access=access)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

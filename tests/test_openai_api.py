@@ -433,27 +433,94 @@ def edited_body(chat: bool, edits: list[tuple[str, object]]) -> dict:
     return body | {path: value for path, value in edits if not path.startswith("message.")}
 
 
-def test_random_json_never_gets_a_server_error(http):
-    """Valid bodies with fields of random types and values, and random JSON: every answer is below 500."""
-    from hypothesis import HealthCheck, given, settings
+# -- 10. fuzzing every endpoint -------------------------------------------------------------------------------
+
+FUZZ_EXAMPLES = 1500  # about 15 s on 2 cores
+ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+             ("GET", "/health"), ("GET", "/metrics")]
+# Routes that exist under another method, and paths that do not: a 404 or 405, in OpenAI's error shape.
+STRAYS = [("GET", "/v1/completions"), ("PUT", "/v1/chat/completions"), ("POST", "/v1/models"), ("DELETE", "/health"),
+          ("POST", "/metrics"), ("POST", "/v1/embeddings"), ("GET", "/v1/models/tiny/../../health"), ("GET", "/%ff")]
+CONTENT_TYPES = [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x", "application/json; charset=latin-1", "application/octet-stream"]
+# Numbers past every range a field checks: integers past int64 and float64, their JSON spellings of infinity.
+HUGE_NUMBERS = [2**63, 2**64, -(2**63) - 1, 10**400, -(10**400), 1e308, -1e308, 5e-324]
+HUGE_LITERALS = [b"1e999", b"-1e999", b"NaN", b"Infinity", b"-Infinity", b"1" + b"0" * 5000, b"0." + b"0" * 5000 + b"1"]
+
+
+def fuzz_strategies():
+    """Hypothesis strategies of (method, path, content type, body bytes) over every endpoint."""
     from hypothesis import strategies as st
 
     scalars = (st.none() | st.booleans() | st.integers(-3, 40) | st.integers() | st.floats() | st.text(max_size=8)
-               | st.sampled_from(["user", "assistant", "text", "none", "auto"]))
+               | st.sampled_from(["user", "assistant", "text", "none", "auto"]) | st.sampled_from(HUGE_NUMBERS))
     values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(st.text(max_size=6) | st.sampled_from(["type", "text"]), inner,
                                             max_size=3), max_leaves=8)
-    edits = st.lists(st.tuples(st.sampled_from(FIELDS), values), min_size=1, max_size=2)
-    requests = (st.tuples(st.booleans(), edits).map(lambda pair: (pair[0], edited_body(*pair)))
-                | st.tuples(st.booleans(), values))
+    chat = st.booleans()
+    edited = st.tuples(chat, st.lists(st.tuples(st.sampled_from(FIELDS), values), min_size=1, max_size=2)).map(
+        lambda pair: (pair[0], json.dumps(edited_body(*pair), allow_nan=True).encode()))
+    any_json = st.tuples(chat, values.map(lambda v: json.dumps(v, allow_nan=True).encode()))
 
-    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(request=requests)
+    def deep(pair):  # nesting far past any parser's recursion limit, whole or cut short, alone or in a field
+        (depth, opener, closed, in_field) = pair
+        closer = {b"[": b"]", b'{"a":': b"}"}[opener]
+        nested = opener * depth + ((b"1" + closer * depth) if closed else b"")
+        return completion_body()[:-1] + b', "prompt": ' + nested + b"}" if in_field else nested
+
+    deeply = st.tuples(chat, st.tuples(st.integers(1, 200_000), st.sampled_from([b"[", b'{"a":']), st.booleans(),
+                                       st.booleans()).map(deep))
+    huge = st.tuples(chat, st.tuples(st.sampled_from(FIELDS[3:12]), st.sampled_from(HUGE_LITERALS)).map(
+        lambda pair: completion_body()[:-1] + b', "' + pair[0].encode() + b'": ' + pair[1] + b"}"))
+
+    def spliced(parts):  # a valid body with raw bytes (mostly not UTF-8) put inside or around it
+        body, junk, at = parts
+        at = at % (len(body) + 1)
+        return body[:at] + junk + body[at:]
+
+    invalid_utf8 = st.tuples(chat, st.tuples(st.sampled_from([completion_body(), chat_body()]),
+                                             st.binary(min_size=1, max_size=8), st.integers(0, 400)).map(spliced))
+    raw = st.tuples(chat, st.binary(max_size=64))
+    posts = st.tuples(st.one_of(edited, any_json, deeply, huge, invalid_utf8, raw), st.sampled_from(CONTENT_TYPES))
+    to_completions = posts.map(lambda p: ("POST", "/v1/chat/completions" if p[0][0] else "/v1/completions",
+                                          p[1], p[0][1]))
+    queries = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=12)
+    others = st.tuples(st.sampled_from(ENDPOINTS[2:] + STRAYS), st.sampled_from(CONTENT_TYPES),
+                       st.binary(max_size=32) | any_json.map(lambda pair: pair[1]), queries).map(
+        lambda t: (t[0][0], t[0][1] + ("?" + t[3] if t[3] else ""), t[1], t[2]))
+    return st.one_of(to_completions, to_completions, others)
+
+
+def test_fuzzed_requests_to_every_endpoint_never_get_a_server_error(server, http, client, capsys):
+    """Generated requests to every endpoint: bodies of every JSON shape, deeply nested, with wrong types, huge
+    numbers, invalid UTF-8 and raw bytes, under every content type; wrong methods and unknown paths. None gets a
+    5xx or a dropped connection (httpx would raise), every refusal is an OpenAI error object, and afterwards the
+    server is healthy, holds no slot, and answers a valid request."""
+    from hypothesis import HealthCheck, given, settings
+
+    sent: dict[str, int] = {}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=fuzz_strategies())
     def check(request):
-        chat, body = request
-        content = json.dumps(body, allow_nan=True).encode()
-        response = http.post("/v1/chat/completions" if chat else "/v1/completions", content=content)
-        assert response.status_code < 500, (body, response.text)
-        assert "server_error" not in response.text, (body, response.text)
+        method, path, content_type, body = request
+        headers = {"content-type": content_type} if content_type else {}
+        response = http.request(method, path, content=body, headers=headers)
+        endpoint = f"{method} {path.split('?')[0]}"
+        sent[endpoint] = sent.get(endpoint, 0) + 1
+        assert response.status_code < 500, (request, response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]["message"], (request, response.text)
+        assert "server_error" not in response.text, (request, response.text)
 
     check()
+    health = http.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["slots_active"] == 0 and health["queued"] == 0  # nothing a refused request left behind
+    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 2
+    total = sum(sent.values())
+    assert total >= FUZZ_EXAMPLES and all(sent.get(f"{m} {p}") for m, p in ENDPOINTS)
+    with capsys.disabled():
+        print(f"\nHTTP fuzz: {total} generated requests, 0 failures; by endpoint: "
+              + ", ".join(f"{e} {n}" for e, n in sorted(sent.items(), key=lambda item: -item[1])[:12]))

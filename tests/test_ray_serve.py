@@ -33,7 +33,7 @@ from runtime import artifact as artifacts  # noqa: E402
 from runtime import ray_serve  # noqa: E402
 from runtime.errors import ArtifactError, BadInputError  # noqa: E402
 from runtime.prefix_cache import BLOCK  # noqa: E402
-from runtime.serve import build_parser  # noqa: E402
+from runtime.serve import API_KEY_ENV, Access, ApiKey, build_parser  # noqa: E402
 from runtime.service import ServiceConfig  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -41,6 +41,9 @@ pytestmark = pytest.mark.ray
 CONFIG = ServiceConfig(max_batch=4, max_context=256, prefill_chunk=16, prefix_cache_mb=1)
 PROMPT = "the quick brown fox"
 LONG = {"max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
+# The main application and the command line's need this key; clients here send it to every server (one that was
+# started without a key ignores it).
+KEY = "sk-ray-test-key"
 
 
 def free_port() -> int:
@@ -50,13 +53,14 @@ def free_port() -> int:
 
 
 def http(url: str, timeout: float = 30) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=timeout, trust_env=False)  # loopback only, never a proxy
+    return httpx.Client(base_url=url, timeout=timeout, trust_env=False,  # loopback only, never a proxy
+                        headers={"authorization": f"Bearer {KEY}"})
 
 
 def openai_client(url: str, timeout: float = 60):
     import openai
 
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout,
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=timeout,
                          http_client=httpx.Client(trust_env=False, timeout=timeout))
 
 
@@ -79,11 +83,13 @@ def test_the_one_command_serves_two_replicas_and_stops_cleanly(chat_export, tmp_
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(chat_export.path), "--replicas", "2",
                                 "--threads", "1", "--port", str(port), "--name", "tiny", "--max-context", "256",
-                                "--prefix-cache-mb", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                "--prefix-cache-mb", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env=os.environ | {API_KEY_ENV: KEY})  # the key reaches the ingress, not argv
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, timeout=120)
         assert len(http(url).get("/health").json()["replicas"]) == 2
+        assert httpx.get(url + "/v1/models", trust_env=False).status_code == 401
         answer = openai_client(url).completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
         assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens > 0
     finally:
@@ -118,9 +124,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def app(cluster, chat_export):
-    """The application: two engine replicas (one thread each) behind one OpenAI endpoint."""
+    """The application: two engine replicas (one thread each) behind one OpenAI endpoint that needs KEY."""
     application = ray_serve.build_application(str(chat_export.path), ray_serve.ScaleOut(replicas=2, threads=1),
-                                              CONFIG, name="tiny")
+                                              CONFIG, name="tiny", access=Access(ApiKey(KEY)))
     serve.run(application, name="lmforge", route_prefix="/")
     yield cluster
     serve.delete("lmforge")
@@ -219,6 +225,20 @@ def test_one_scrape_holds_every_replicas_metrics_and_health_sees_them_all(app):
     ttft = families["gen_ai_server_time_to_first_token_seconds"]
     assert {s.labels["replica"] for s in ttft.samples} == set(replicas(app))
     assert "lmforge_replica_lost_requests" in families
+
+
+def test_the_application_needs_the_key_except_for_health(app):
+    import openai
+
+    anonymous = httpx.Client(base_url=app, timeout=30, trust_env=False)
+    assert anonymous.get("/health").status_code == 200
+    refused = anonymous.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert anonymous.get("/metrics").status_code == 401 and http(app).get("/metrics").status_code == 200
+    wrong = openai.OpenAI(base_url=app + "/v1", api_key="sk-wrong", max_retries=0,
+                          http_client=httpx.Client(trust_env=False))
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
 
 
 def tampered_copy(artifact, folder):

@@ -12,6 +12,8 @@ import pytest
 from conftest import RunningServer
 
 from runtime.generate import GenerationConfig, generate
+from runtime.serve import API_KEY_ENV, Access, ApiKey, api_key_from
+from runtime.serve import main as serve_main
 from runtime.service import ServiceConfig
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
@@ -123,3 +125,112 @@ def test_more_requests_than_the_queue_holds_get_429(chat_export):
         assert "retry later" in limited.json()["error"]["message"]
     finally:
         running.stop()
+
+
+# -- authentication ------------------------------------------------------------------------------------------
+
+KEY = "sk-lmforge-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed(chat_export):
+    """A server started with an API key (its /metrics need the key, the default)."""
+    running = RunningServer(chat_export, access=Access(ApiKey(KEY)))
+    yield running
+    running.stop()
+
+
+def openai_with(url: str, key: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def test_with_a_key_the_openai_client_needs_it_and_health_stays_open(keyed):
+    import openai
+
+    answer = openai_with(keyed.url, KEY).completions.create(model="tiny", prompt=PROMPT, max_tokens=3)
+    assert answer.usage.completion_tokens > 0
+    streamed = openai_with(keyed.url, KEY).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=3, stream=True)
+    assert [c.choices[0].finish_reason for c in streamed][-1] in ("stop", "length")
+    for wrong in ("sk-wrong", KEY + "x", KEY[:-1]):  # (no key at all: this client refuses to send that)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai_with(keyed.url, wrong).completions.create(model="tiny", prompt=PROMPT, max_tokens=3)
+    with pytest.raises(openai.AuthenticationError):
+        openai_with(keyed.url, "sk-wrong").models.list()
+    assert httpx.get(keyed.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": KEY}, {"authorization": f"Basic {KEY}"},
+                                     {"authorization": f"Bearer {KEY.upper()}"}, {"authorization": "Bearer"}],
+                         ids=["none", "no scheme", "basic", "wrong case", "no token"])
+def test_a_request_without_the_right_bearer_token_gets_openais_401(keyed, headers):
+    response = httpx.post(keyed.url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT}, headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert "Authorization: Bearer <key>" in error["message"]
+
+
+def test_metrics_need_the_key_unless_made_public(keyed, chat_export):
+    with_key = httpx.get(keyed.url + "/metrics", headers={"authorization": f"Bearer {KEY}"})
+    assert with_key.status_code == 200 and "lmforge_requests" in with_key.text
+    assert httpx.get(keyed.url + "/metrics").status_code == 401
+    public = RunningServer(chat_export, access=Access(ApiKey(KEY), public_metrics=True))
+    try:
+        assert httpx.get(public.url + "/metrics").status_code == 200
+        assert httpx.get(public.url + "/v1/models").status_code == 401  # only /metrics is opened
+    finally:
+        public.stop()
+
+
+# What may stand in an HTTP header value (RFC 9110: visible ASCII, space, tab, and obs-text bytes).
+HEADER_BYTES = [9, *range(0x20, 0x7F), *range(0x80, 0x100)]
+
+
+def test_any_other_authorization_header_is_refused_without_a_server_error(keyed):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tokens = (st.lists(st.sampled_from(HEADER_BYTES), max_size=40).map(bytes)
+              | st.sampled_from([KEY.encode(), KEY.encode() + b"\xff", KEY.encode()[1:], b"bearer"]))
+    headers = st.tuples(st.sampled_from([b"Bearer ", b"bearer ", b"BEARER\t", b"Bearer", b"", b"Token "]), tokens)
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(header=headers)
+    def check(header):
+        scheme, token = header
+        value = (scheme + token).strip(b" \t")
+        response = http.get("/v1/models", headers=[(b"authorization", value)])
+        accepted = value.split(None, 1) == [scheme.strip(), KEY.encode()] and scheme.strip().lower() == b"bearer"
+        assert response.status_code == (200 if accepted else 401), (value, response.text)
+
+    with httpx.Client(base_url=keyed.url) as http:
+        check()
+
+
+def test_listening_beyond_loopback_without_a_key_warns_of_the_risk(monkeypatch, capsys, tmp_path):
+    missing = str(tmp_path / "no-artifact")  # the server stops at the artifact, after its warning
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert serve_main([missing, "--host", "0.0.0.0"]) == 2
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith("warning: listening on 0.0.0.0:8000 without an API key")
+    assert "anyone who can reach this port" in warning and API_KEY_ENV in warning
+    for quiet in ([missing, "--host", "127.0.0.1"], [missing, "--host", "::1"], [missing, "--host", "0.0.0.0",
+                                                                                   "--api-key", KEY]):
+        assert serve_main(quiet) == 2
+        assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert serve_main([missing, "--host", "0.0.0.0"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_key_comes_from_the_environment_and_never_shows_in_a_repr(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    key = api_key_from(None)
+    assert key.matches(KEY.encode()) and not key.matches(KEY.encode()[:-1])
+    assert KEY not in repr(key) and KEY not in repr(Access(key))
+    assert api_key_from("other").matches(b"other")  # the flag wins over the environment
+    monkeypatch.delenv(API_KEY_ENV)
+    assert api_key_from(None) is None
