@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from calibration import calibrate
-from calibration.data import DataConfig, load_samples, within_context
+from calibration.data import DataConfig, load_samples, user_documents, within_context
 from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
@@ -74,32 +75,77 @@ class StageResult:
     reused: bool
 
 
-def parse_args(argv: list[str] | None = None) -> BuildConfig:
-    parser = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong flag or value is a BadInputError: one line naming the flag, exit 2, like every
+    other bad input (argparse's own error prints the whole usage)."""
+
+    def error(self, message: str):
+        raise BadInputError(f"{message}; see `{self.prog} --help`")
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` no smaller than `low`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is too small; give {low:g} or more")
+        return value
+    return parse
+
+
+def above(low: float) -> Callable[[str], float]:
+    """An argparse type: a number greater than `low`."""
+    def parse(text: str) -> float:
+        value = at_least(-math.inf, float)(text)
+        if not value > low:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than {low:g}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m export.build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'default', a Hugging Face folder, a .gguf file, or a hub id")
     parser.add_argument("--precision", default="fp32",
                         help=f"one or more, comma-separated (fp32,int8,int4), of: {', '.join(PRECISIONS)}")
     parser.add_argument("--out", default="artifacts", help="artifact store folder (default: ./artifacts)")
-    parser.add_argument("--backend", default="auto", help=f"one of: {', '.join(BACKENDS)}")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: TensorRT where an NVIDIA GPU and TensorRT exist, else ONNX Runtime")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run")
     parser.add_argument("--report", default=None, help="folder for report.json and report.md (default: --out)")
-    parser.add_argument("--bench-runs", type=int, default=BuildConfig.bench_runs,
+    parser.add_argument("--bench-runs", type=at_least(0), default=BuildConfig.bench_runs,
                         help="latency runs per engine after the build (0: no measurement)")
-    parser.add_argument("--bench-prompt", type=int, default=BuildConfig.bench_prompt)
-    parser.add_argument("--bench-gen", type=int, default=BuildConfig.bench_gen)
+    parser.add_argument("--bench-prompt", type=at_least(1), default=BuildConfig.bench_prompt,
+                        help="prompt tokens of the latency measurement")
+    parser.add_argument("--bench-gen", type=at_least(2), default=BuildConfig.bench_gen,
+                        help="generated tokens of the latency measurement")
     defaults, data_defaults = calibrate.CalibrationConfig(), DataConfig()
-    calib = parser.add_argument_group("calibration (int8 precisions)")
+    calib = parser.add_argument_group("calibration and accuracy data (every gate measures on its held-out part)")
     calib.add_argument("--calib-data", default=None,
                        help="a .txt file, a folder of .txt, a .jsonl, or a dataset id (default: Python's docs)")
     calib.add_argument("--calib-field", default=data_defaults.text_field, help="the text field of .jsonl rows")
-    calib.add_argument("--calib-samples", type=int, default=data_defaults.samples)
-    calib.add_argument("--calib-seq-len", type=int, default=data_defaults.seq_len)
-    calib.add_argument("--eval-samples", type=int, default=data_defaults.eval_samples)
-    calib.add_argument("--calib-seed", type=int, default=data_defaults.seed)
+    calib.add_argument("--calib-samples", type=at_least(1), default=data_defaults.samples,
+                       help="calibration windows (more: steadier ranges, longer runs)")
+    calib.add_argument("--calib-seq-len", type=at_least(2), default=data_defaults.seq_len,
+                       help="tokens per window (capped at the model's context)")
+    calib.add_argument("--eval-samples", type=at_least(1), default=data_defaults.eval_samples,
+                       help="held-out windows every accuracy gate measures on")
+    calib.add_argument("--calib-seed", type=int, default=data_defaults.seed, help="seed of the window draw")
     calib.add_argument("--calib-chat", action="store_true", help="wrap samples in the model's chat template")
-    calib.add_argument("--calib-method", default=defaults.method, help="minmax, percentile, entropy or mse")
+    calib.add_argument("--calib-method", default=defaults.method, choices=calibrate.stats.METHODS,
+                       help="how activation ranges are chosen from the calibration statistics")
     calib.add_argument("--smoothquant-alpha", type=float, default=None,
                        help="SmoothQuant strength (default: 0.75 at int8, 0.5 at int8-weight-only); a negative "
                             "value turns it off")
@@ -109,50 +155,56 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
-    calib.add_argument("--max-ppl-increase", type=float, default=defaults.max_ppl_increase,
+    calib.add_argument("--max-ppl-increase", type=at_least(0.0, float), default=defaults.max_ppl_increase,
                        help="accuracy gate, percent perplexity increase over fp32")
-    calib.add_argument("--max-float-fraction", type=float, default=defaults.max_float_fraction)
+    calib.add_argument("--max-float-fraction", type=fraction, default=defaults.max_float_fraction,
+                       help="the largest share of linear layers the search may return to float to meet the gate")
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
     pruning = parser.add_argument_group("structured pruning (before calibration)")
     pruning.add_argument("--prune", default="", help="explicit ratios, e.g. mlp=0.25,heads=0.1,layers=2")
-    pruning.add_argument("--prune-budget", type=float, default=None,
+    pruning.add_argument("--prune-budget", type=above(0), default=None,
                          help="plan the most pruning whose perplexity increase stays within this percent")
     pruning.add_argument("--prune-plan", default=None, help="apply a plan.json saved by an earlier prune stage")
-    pruning.add_argument("--prune-multiple", type=int, default=prune.PruneConfig.multiple,
+    pruning.add_argument("--prune-multiple", type=at_least(1), default=prune.PruneConfig.multiple,
                          help="kept MLP widths are multiples of this")
-    pruning.add_argument("--prune-samples", type=int, default=prune.PruneConfig().data.samples,
+    pruning.add_argument("--prune-samples", type=at_least(prune.SEARCH_WINDOWS + 1),
+                         default=prune.PruneConfig().data.samples,
                          help=f"calibration windows: the first {prune.SEARCH_WINDOWS} judge the budget search and "
                               "the repair, the others give the activation energies")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
-    pruning.add_argument("--distill-steps", type=int, default=0,
+    pruning.add_argument("--distill-steps", type=at_least(0), default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
-    pruning.add_argument("--heal-budget", type=float, default=None,
+    pruning.add_argument("--heal-budget", type=above(0), default=None,
                          help="with --prune-budget and --distill-steps: the perplexity increase the plan may "
                               f"reach before healing (default {HEAL_BUDGET_FACTOR:g}x --prune-budget); the healed "
                               "model must still fit --prune-budget")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--threads", type=int, default=defaults.threads,
+    engine.add_argument("--threads", type=at_least(1), default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
-    engine.add_argument("--provider", default=ort_engine.EngineConfig.provider,
-                        help=f"ONNX Runtime execution provider: {', '.join(ort_engine.PROVIDERS)}")
+    engine.add_argument("--provider", default=ort_engine.EngineConfig.provider, choices=tuple(ort_engine.PROVIDERS),
+                        help="ONNX Runtime execution provider")
     engine.add_argument("--no-fuse-attention", action="store_true",
                         help="keep the exported attention instead of GroupQueryAttention")
     trt_defaults = trt_engine.TrtConfig()
     trt = parser.add_argument_group("TensorRT (--backend trt)")
-    trt.add_argument("--max-batch", type=int, default=trt_defaults.max_batch)
+    trt.add_argument("--max-batch", type=at_least(1), default=trt_defaults.max_batch,
+                     help="the most sequences one run of the plan takes")
     trt.add_argument("--max-seq", type=int, default=trt_defaults.max_seq, help="longest past + new sequence")
     trt.add_argument("--opt-seq", type=int, default=trt_defaults.opt_seq, help="prefill length to tune for")
-    trt.add_argument("--workspace-gb", type=float, default=trt_defaults.workspace_gb)
+    trt.add_argument("--workspace-gb", type=above(0), default=trt_defaults.workspace_gb,
+                     help="GPU memory TensorRT may use for tactics while building")
     trt.add_argument("--version-compatible", action="store_true",
                      help="a plan later TensorRT versions can run (lean runtime inside)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    args = build_parser().parse_args(argv)
     precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise BadInputError(f"unknown precision {', '.join(unknown) or repr(args.precision)}; choose one or more "
                             f"of: {', '.join(PRECISIONS)}")
-    if args.backend not in BACKENDS:
-        raise BadInputError(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
     data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
                       seq_len=args.calib_seq_len, eval_samples=args.eval_samples, seed=args.calib_seed,
                       chat=args.calib_chat)
@@ -163,26 +215,15 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         smoothquant_alpha=args.smoothquant_alpha,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
-    if args.bench_runs < 0 or args.bench_prompt < 1 or args.bench_gen < 2:
-        raise BadInputError("need --bench-runs >= 0, --bench-prompt >= 1 and --bench-gen >= 2")
     if args.report:
         report.check_report_folder(Path(args.report))
-    if args.threads < 1:
-        raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
     chosen = [flag for flag, given in (("--prune", args.prune), ("--prune-budget", args.prune_budget is not None),
                                        ("--prune-plan", args.prune_plan)) if given]
     if len(chosen) > 1:
         raise BadInputError(f"{' and '.join(chosen)} both choose what to prune; give one of them")
-    if args.prune_budget is not None and args.prune_budget <= 0:
-        raise BadInputError(f"--prune-budget {args.prune_budget}: give a positive percent, e.g. 5")
-    if args.distill_steps < 0 or (args.distill_steps and not chosen):
+    if args.distill_steps and not chosen:
         raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
                             "--prune-budget or --prune-plan")
-    if args.prune_samples <= prune.SEARCH_WINDOWS:
-        raise BadInputError(f"--prune-samples {args.prune_samples}: give more than {prune.SEARCH_WINDOWS} windows "
-                            f"(the first {prune.SEARCH_WINDOWS} judge the plan, the rest measure importance)")
-    if args.prune_multiple < 1:
-        raise BadInputError(f"--prune-multiple {args.prune_multiple}: give a positive channel count, e.g. 64")
     heal_budget = healing_budget(args)
     pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=heal_budget or args.prune_budget,
                                 plan_file=args.prune_plan, multiple=args.prune_multiple,
@@ -460,6 +501,8 @@ def build(config: BuildConfig) -> list[StageResult]:
             trt_engine.check_precision(precision)
     if backend == "ort":  # before the export, so a wrong provider costs nothing
         ort_engine.check_provider(config.engine.provider)
+    if config.calibration.data.source is not None:  # a wrong --calib-data is found before minutes of export
+        user_documents(config.calibration.data)
     export = run_export(config)
     results = [export]
     return_freed_memory()

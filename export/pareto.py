@@ -12,7 +12,7 @@ from pathlib import Path
 
 from export.report import format_rows, measure_latency
 from runtime import artifact as artifacts
-from runtime.errors import LmforgeError
+from runtime.errors import BadInputError, LmforgeError
 
 PROMPT_LEN = 128
 
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = Path(args.store)
         if not store.is_dir():
-            raise LmforgeError(f"{store} is not an artifact store; pass the --out folder of your builds")
+            raise BadInputError(f"{store} is not an artifact store; pass the --out folder of your builds")
         by_id = load_store(store)
         found = variants(by_id)
         if not found:
-            raise LmforgeError(f"{store} holds no fp32 engines; build with --prune ... --precision fp32 first")
+            raise BadInputError(f"{store} holds no fp32 engines; build with --prune ... --precision fp32 first")
         rows = [describe(engine, pruned, by_id) for engine, pruned in found]
         measure_all(rows, {engine.id: engine for engine, _ in found}, args.runs, args.threads, args.gen_len)
     except LmforgeError as exc:

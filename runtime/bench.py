@@ -27,7 +27,7 @@ import numpy as np
 
 from runtime import artifact as artifacts
 from runtime.baselines import genai_loop, plain_greedy, plain_session
-from runtime.errors import LmforgeError
+from runtime.errors import BadInputError, LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.model_folder import genai_folder
 from runtime.progress import track
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
-            raise LmforgeError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
+            raise BadInputError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads, provider=args.provider, huge_pages=not args.no_huge_pages)
         compare = tuple(artifacts.load(path) for path in args.compare)

@@ -11,7 +11,8 @@ EXIT_BACKEND_UNAVAILABLE = 4
 class LmforgeError(Exception):
     """A failure the user can act on; `str()` is the one-line message, `exit_code` what the CLI returns."""
 
-    exit_code = EXIT_BAD_INPUT
+    # Not the user's mistake unless a subclass says so: a failing TensorRT or CUDA call is exit 1, not 2.
+    exit_code = EXIT_UNEXPECTED
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)

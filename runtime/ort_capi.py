@@ -16,7 +16,7 @@ import os
 from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_uint32, c_void_p
 from pathlib import Path
 
-from runtime.errors import LmforgeError
+from runtime.errors import EXIT_BAD_INPUT, LmforgeError
 
 ORT_API_VERSION = 13
 LIBRARY_ENV = "LMFORGE_ORT_LIBRARY"
@@ -76,6 +76,8 @@ class OrtError(LmforgeError):
 
 class OrtLibraryError(LmforgeError):
     """The library named is missing, is not ONNX Runtime, or is too old."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def find_library() -> str:

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime import artifact as artifacts
-from runtime.errors import BadInputError, LmforgeError
+from runtime.errors import EXIT_BAD_INPUT, BadInputError, LmforgeError
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Session(Protocol):
 
 
 class SessionClosedError(LmforgeError):
-    pass
+    exit_code = EXIT_BAD_INPUT  # using a session after close() is the caller's mistake
 
 
 @dataclass

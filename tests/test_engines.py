@@ -157,9 +157,9 @@ def test_wrong_engine_fails_verification_naming_the_layer(export_factory, tmp_pa
 
 
 @pytest.mark.parametrize("flags, code, message", [
-    (["--provider", "tpu"], 2, "unknown execution provider 'tpu'"),
+    (["--provider", "tpu"], 2, "argument --provider: invalid choice: 'tpu'"),
     (["--provider", "cuda"], 4, "this onnxruntime has no CUDAExecutionProvider"),
-    (["--threads", "0"], 2, "--threads 0 is not a thread count"),
+    (["--threads", "0"], 2, "argument --threads: 0 is too small; give 1 or more"),
 ])
 def test_bad_engine_flags_are_clear_errors(tiny_model_factory, tmp_path, flags, code, message):
     result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(tmp_path), *flags)

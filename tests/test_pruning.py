@@ -137,7 +137,7 @@ def test_budget_search_skips_units_that_break_the_budget():
     (["--prune", "depth=2"], "write kind=value with kind one of mlp, heads, layers"),
     (["--prune", "layers=2"], "--prune layers=2: the model has 2 layers; keep at least one"),
     (["--prune", "mlp=0.1", "--prune-budget", "5"], "--prune and --prune-budget both choose what to prune"),
-    (["--prune", "mlp=0.5", "--prune-samples", "8"], "--prune-samples 8: give more than 8 windows"),
+    (["--prune", "mlp=0.5", "--prune-samples", "8"], "argument --prune-samples: 8 is too small; give 9 or more"),
 ])
 def test_bad_pruning_requests_exit_2(tiny_model_factory, shared_store, flags, message):
     result = run_cli("export.build", "--model", str(tiny_model_factory("llama")), "--out", str(shared_store),
