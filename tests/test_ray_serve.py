@@ -461,7 +461,9 @@ def test_the_kuberay_manifest_runs_this_application_from_the_image_and_the_volum
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         for container in pod["containers"]:
             assert container["image"] == image
-            assert {e["name"]: e["value"] for e in container["env"]} == ray_serve.cluster_env()
+            assert {e["name"]: e["value"] for e in container["env"] if "value" in e} == ray_serve.cluster_env()
+            secret = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "LMFORGE_API_KEY"]
+            assert secret and secret[0]["name"] and secret[0]["key"]  # the key comes from a Secret, never inline
             mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims]
             assert any(options.artifact.startswith(mount.rstrip("/") + "/") for mount in mounts), container["name"]
     head_ports = {p["name"]: p["containerPort"] for p in pods[0]["containers"][0]["ports"]}
