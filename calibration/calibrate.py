@@ -43,8 +43,8 @@ STAGE = "calibrate"
 MODEL_FILE = "model.onnx"
 PRECISIONS = ("int8", "int8-weight-only", "int4")
 # int8-weight-only is smoothed too: MatMulNBits quantizes its input per block at run time (int8 compute),
-# where the outliers do the damage. On the default model, 0.5 took it from +0.69% to +0.45% perplexity
-# (top-1 0.948 to 0.958); 0.3 and 0.75 measured worse. int4 weights have no range left to take outliers.
+# where the outliers do the damage; the strengths are the best measured (README, "INT8"). int4 weights have no
+# range left to take outliers.
 SMOOTHQUANT_ALPHA = {"int8": 0.75, "int8-weight-only": 0.5}
 
 
@@ -59,25 +59,24 @@ class CalibrationConfig:
     # None: the precision's own (SMOOTHQUANT_ALPHA); negative: no SmoothQuant.
     smoothquant_alpha: float | None = None
     # Rotate the residual stream by a random orthogonal matrix first (QuaRot-style; RMSNorm models only).
-    # Off by default: on the default model it measured +4.8% with SmoothQuant against +3.4% without it.
+    # Off by default: it measured worse than SmoothQuant alone (README, "INT8").
     rotate: bool = False
     # Rotate each down_proj input by a block Hadamard at run time (QuaRot's online rotation), so that the
-    # down_proj are W8A8 too. Off by default: on the default model it met the gate with 2 layers in float,
-    # but the rotation decodes 1.19x slower.
+    # down_proj are W8A8 too. Off by default: the dense Hadamard MatMul costs more decode speed than the int8
+    # down_proj win back (README, "INT8").
     online_rotation: bool = False
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
     # Linear layers (names or fnmatch patterns) whose weights alone become int8 (input left in float) at
     # every precision: per channel, in blocks at int8-weight-only. The LM head: int8 or int4 activations
-    # there cost accuracy, and in float its weights are a fifth of what each decode step reads (int8
-    # weights took int8-weight-only decode from 11.6 to 9.4 ms per token).
+    # there cost accuracy, and in float its weights are a fifth of what each decode step reads.
     weight_only_int8: tuple[str, ...] = ("lm_head",)
     # The same, at int8 only (unless online_rotation makes their inputs quantizable). A down_proj reads
-    # silu(gate) * up, whose outliers no per-tensor scale takes: on the default model, every layer the
-    # search returned to float was a down_proj (16 of them, +2.33%). All 30 weight-only and unsmoothed
-    # verified at +2.18% with none in float, and decode about 7% faster (ONNX Runtime runs them as
-    # MatMulNBits). TensorRT gets the LM head's form: per-channel int8 weights behind a DequantizeLinear,
-    # float input; whether it keeps them int8 or folds them to float is unverified (no TensorRT here).
+    # silu(gate) * up, whose outliers no per-tensor scale takes: the layers the search returned to float
+    # were down_proj. Weight-only, they keep more accuracy than W8A8 and decode faster than float (ONNX
+    # Runtime runs them as MatMulNBits; README, "INT8"). TensorRT gets the LM head's form: per-channel int8
+    # weights behind a DequantizeLinear, float input; whether it keeps them int8 or folds them to float is
+    # unverified (no TensorRT here).
     weight_only_at_int8: tuple[str, ...] = ("*.mlp.down_proj",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
     max_ppl_increase: float = 3.0
@@ -187,8 +186,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
         channel_stats = stats.collect(source, tensors, samples.calibration[:16], facts, config.threads,
                                       scratch=work)
         # Not the weight-only layers: smoothing moves their input's outliers into int8 weights, and nothing
-        # quantizes their input statically (per-channel weights of unsmoothed down_proj: +2.98% with 16 of
-        # them on the default model, against +3.65% smoothed).
+        # quantizes their input statically, so it would only cost them accuracy.
         skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
         smoothing = SmoothQuantPass({name: s.channel_absmax for name, s in channel_stats.items()}, alpha=alpha,
                                     skip=skip)

@@ -48,7 +48,7 @@ from runtime.text import load_codec
 STAGE = "prune"
 # The budget search (group testing on the masked graph): windows it measures on, its first and largest
 # batch, how many single units in a row may fail before it stops, and its cap on evaluations (each one is
-# a forward pass over the search windows: about 5 s on the default model and 2 cores). The windows
+# a forward pass over the search windows, seconds each on a small model). The windows
 # are the first calibration windows; the activation energies come from the others.
 SEARCH_WINDOWS = 8
 FIRST_STEP, MAX_STEP = 16, 64
