@@ -5,7 +5,7 @@ serialized plan with the keys that decide where it may run.
 Polygraphy's loaders do the TensorRT calls they cover (network from ONNX, builder config with profiles, engine
 bytes), so less unrun code is ours; this module adds what they leave unchecked: that TensorRT took every
 profile, that it accepted the timing cache, and a cache file keyed by TensorRT version and GPU, written
-atomically under a lock. Written against ../shared/docs/tensorrt-notes.md; TensorRT is imported only when a
+atomically under a lock. docs/tensorrt.md has the TensorRT facts it relies on; TensorRT is imported only when a
 plan is built or loaded, so everything else runs (and is tested) without it.
 """
 

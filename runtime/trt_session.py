@@ -4,7 +4,7 @@ step (present of step n is past of step n+1; a Concat-style graph must never rea
 
 Every size comes from the plan itself (profile limits, KV heads, head size, vocabulary), and every input is
 checked against the plan's profile limits before anything is copied to the GPU, so no call can write past a
-device buffer. Written against ../shared/docs/tensorrt-notes.md §3; every TensorRT call that reports failure
+device buffer. docs/tensorrt.md has the TensorRT facts it relies on; every TensorRT call that reports failure
 by returning False or None is checked.
 """
 
