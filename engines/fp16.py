@@ -1,5 +1,6 @@
-"""float16 for GPUs: the graph computes in float16 except where float16 overflows or loses what matters,
-(docs/tensorrt.md, "Where float16 is not enough"): normalizations (the sum of squares), softmax, and the LM head (the logits).
+"""float16 for GPUs: the graph computes in float16 except where float16 overflows or loses what matters
+(docs/tensorrt.md, "Where float16 is not enough"): normalizations (the sum of squares), softmax, and the LM
+head (the logits).
 The ONNX contract's inputs and outputs stay float32; casts sit at the borders of the float16 region.
 
 Written as an onnx-ir pass (onnxruntime's float16 converter emits duplicate node names on our exports).
