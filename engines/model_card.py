@@ -76,14 +76,16 @@ def accuracy_lines(chain: list[artifacts.Artifact], verification: dict[str, Any]
 
 
 def latency_lines(name: str, latency: dict[str, Any] | None) -> list[str]:
-    if latency:
-        tpot = latency.get("tpot_ms") or {}
-        return [f"TTFT {latency['ttft_ms']:.1f} ms, TPOT p50 {tpot.get('p50', float('nan')):.2f} ms, "
-                f"{latency.get('tokens_per_second', float('nan')):.1f} tokens/s."]
-    return ["Not measured at build time: the build measures every engine afterwards, in its `report.md` (time to "
-            "first token, time per output token p50/p90/p99, tokens per second). On your machine, beside "
-            "onnxruntime-genai on this same graph:", "",
-            f"    python -m runtime.bench {name} --prompt-len 128 --gen-len 128 --genai engine"]
+    bench = ["On your machine, beside onnxruntime-genai on this same graph:", "",
+             f"    python -m runtime.bench {name} --prompt-len 128 --gen-len 128 --genai engine"]
+    if not latency:
+        return ["Not measured at build time; the build's `report.md` has every engine's figures.", "", *bench]
+    tpot = latency.get("tpot_ms") or {}
+    return [f"Measured by the engine stage on the machine that built it ({latency.get('threads')} threads, batch 1, "
+            f"a {latency.get('prompt_tokens')}-token prompt, {latency.get('generated_tokens')} tokens, one run "
+            f"after a warm-up): time to first token {latency['ttft_ms']:.1f} ms, time per output token p50 "
+            f"{tpot.get('p50', float('nan')):.2f} ms, {latency.get('tokens_per_second', float('nan')):.1f} "
+            "tokens/s. The build's `report.md` has more runs, alternated with the other engines.", "", *bench]
 
 
 def usage_lines(name: str, has_genai: bool) -> list[str]:

@@ -168,12 +168,36 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
     metrics = {"fusion": graph, "session": session, "build_seconds": round(time.perf_counter() - started, 1)}
     precision = parent.manifest.get("precision", "fp32")
     write_ecosystem_files(parent, writer, metrics)
+    provisional = writer.provisional(parent.io, precision=precision, backend="ort")
     if verify is not None:
-        provisional = writer.provisional(parent.io, precision=precision, backend="ort")
         metrics["verification"] = verify(provisional)
+    metrics["latency"] = build_latency(provisional, config)
     files = sorted(p.name for p in writer.dir.iterdir() if p.is_file())
-    (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files))
+    (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files,
+                                              latency=metrics["latency"]))
     return writer.commit(io=parent.io, metrics=metrics, precision=precision, backend="ort")
+
+
+# The engine stage's own latency run, for the model card: short, since the build's report measures every engine
+# thoroughly afterwards (runs alternated with the others), and the card needs only a figure beside its accuracy.
+CARD_PROMPT_TOKENS, CARD_NEW_TOKENS = 64, 32
+
+
+def build_latency(engine: Artifact, config: EngineConfig) -> dict[str, Any]:
+    """TTFT and time per output token of one greedy run through lmforge's runtime, after a warm-up run."""
+    from runtime.generate import GenerationConfig, generate
+    from runtime.session import SessionOptions
+    from runtime.session import open as open_session
+
+    facts = engine.model_facts
+    length = min(CARD_PROMPT_TOKENS, (facts.get("max_context") or 2 * CARD_PROMPT_TOKENS) // 2)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, facts["vocab_size"], length)]
+    generation = GenerationConfig(max_new_tokens=CARD_NEW_TOKENS, stop_token_ids=[])  # the full count, always
+    with open_session(engine, SessionOptions(threads=config.threads, provider=config.provider)) as session:
+        generate(session, prompt, generation)  # warm-up: first-run allocations are not the engine's speed
+        report = generate(session, prompt, generation).report
+    return {"ttft_ms": report.ttft_ms, "tpot_ms": report.tpot_ms, "tokens_per_second": report.tokens_per_second,
+            "prompt_tokens": length, "generated_tokens": report.generated_tokens, "threads": config.threads}
 
 
 def write_ecosystem_files(parent: Artifact, writer: ArtifactWriter, metrics: dict[str, Any]) -> None:

@@ -192,6 +192,9 @@ def test_engine_model_card_names_source_pipeline_accuracy_and_how_to_run_it(chat
     for command in (f"python -m runtime.generate {name}", f'og.Model("{name}")', f"python -m runtime.serve {name}",
                     f"python -m runtime.bench {name}"):
         assert command in card
+    latency = chat_export.metrics["latency"]
+    assert latency["generated_tokens"] == 32 and 0 < latency["tpot_ms"]["p50"] < latency["ttft_ms"] * 100
+    assert f"time per output token p50 {latency['tpot_ms']['p50']:.2f} ms" in card
 
 
 # -- the report's plots ----------------------------------------------------------------------------------------
