@@ -34,8 +34,10 @@ from runtime.progress import track
 from runtime.report import percentile
 from runtime.session import SessionOptions
 from runtime.session import open as open_session
+from runtime.speculative import open_speculator
 
 THIS = "lmforge"
+NO_SPECULATION = "lmforge, no speculation"
 SAMPLE_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
                "including both the natural and social sciences. Science is a body of empirical, theoretical, "
                "and practical knowledge about the natural world, produced by scientists who emphasize the "
@@ -77,14 +79,15 @@ def prompt_ids(art: artifacts.Artifact, length: int) -> list[int]:
     return [(7 * i + 3) % vocab for i in range(length)]
 
 
-def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, options: SessionOptions
-                 ) -> Callable[[], Run]:
+def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, options: SessionOptions,
+                 speculator=None) -> Callable[[], Run]:
     session = open_session(art, options)
     # No stop tokens: every run generates exactly gen_len tokens, so runs are comparable.
     config = GenerationConfig(max_new_tokens=gen_len, stop_token_ids=())
 
     def run() -> Run:
-        report = generate(session, [prompt], config).report
+        report = generate(session, [prompt], config, speculator=speculator).report
+        run.last_report = report  # acceptance and bandwidth of the latest run (runtime/report.py)
         return report.ttft_ms, report.step_ms
 
     return run
@@ -166,10 +169,12 @@ def rss_growth(run: Callable[[], Run], gen_len: int, tokens: int) -> dict:
 
 def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, options: SessionOptions, warmup: int,
             baselines: bool, rss_tokens: int, compare: tuple[artifacts.Artifact, ...] = (),
-            genai: tuple[str, ...] = ()) -> dict:
+            genai: tuple[str, ...] = (), speculator=None) -> dict:
     prompt = prompt_ids(art, prompt_len)
     threads = options.threads
-    runners = {THIS: this_runtime(art, prompt, gen_len, options)}
+    runners = {THIS: this_runtime(art, prompt, gen_len, options, speculator)}
+    if speculator is not None:  # speculation (ours) against plain decoding, alternated like every runner
+        runners[NO_SPECULATION] = this_runtime(art, prompt, gen_len, options)
     for other in compare:  # other artifacts (say, the fp32 parent of an int8 build) through this runtime
         runners[f"{other.stage}-{other.id} ({other.manifest.get('precision')})"] = this_runtime(
             other, prompt, gen_len, options)
@@ -195,6 +200,10 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
         if eager is not None:
             report["runners"][eager.name] = eager.summary()
     report["ratios"] = ratios(report["runners"])
+    last = runners[THIS].last_report
+    report["decode"] = {key: last.to_dict()[key] for key in (
+        "speculative", "speculation_note", "acceptance_rate", "mean_accepted_length", "bytes_per_step",
+        "bandwidth_gbs")}
     if rss_tokens:
         report["rss"] = rss_growth(runners[THIS], gen_len, rss_tokens)
     return report
@@ -217,6 +226,14 @@ def table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    decode = report.get("decode") or {}
+    if decode.get("bytes_per_step"):
+        lines.append(f"{THIS}: {decode['bytes_per_step'] / 1e6:.0f} MB read per decode step, "
+                     f"{decode['bandwidth_gbs']:.1f} GB/s")
+    if decode.get("speculative"):
+        lines.append(f"{THIS} speculative {decode['speculative']}: acceptance "
+                     f"{100 * (decode['acceptance_rate'] or 0):.0f}%, {decode['mean_accepted_length']:.2f} tok/verify "
+                     f"{decode['speculation_note']}".rstrip())
     if "rss" in report:
         rss = report["rss"]
         lines.append(f"RSS over {rss['tokens']} generated tokens: {rss['rss_before_mb']:.0f} -> "
@@ -243,20 +260,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tokens", type=int, default=0, help="measure RSS growth over this many tokens")
     parser.add_argument("--compare", nargs="*", default=[],
                         help="more artifacts to run through this runtime in the same run (e.g. the fp32 parent)")
+    parser.add_argument("--speculative", default=None, metavar="ngram|draft",
+                        help="speculative decoding for this runtime, measured against plain decoding in the same run")
+    parser.add_argument("--draft", default=None, metavar="ARTIFACT", help="the draft model for --speculative draft")
     parser.add_argument("--json", default="bench.json", help="where to write the full report")
     args = parser.parse_args(argv)
+    speculator = None
     try:
         if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
             raise BadInputError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads, provider=args.provider, huge_pages=not args.no_huge_pages)
         compare = tuple(artifacts.load(path) for path in args.compare)
+        speculator = open_speculator(args.speculative, args.draft, art, options)
         report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,
                          args.baselines, args.rss_tokens, compare,
-                         tuple(p.strip() for p in args.genai.split(",") if p.strip()))
+                         tuple(p.strip() for p in args.genai.split(",") if p.strip()), speculator)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        if speculator is not None:
+            speculator.close()
     print(table(report))
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"\nfull report: {args.json}")

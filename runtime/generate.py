@@ -1,7 +1,9 @@
 """The one generation loop for every backend, and `python -m runtime.generate ARTIFACT "prompt"`.
 
 Greedy or sampled (temperature, top-k, top-p, seed), stop tokens, `max_new_tokens`, a streaming callback,
-and a batch of prompts with left padding. Returns the tokens and a LatencyReport.
+and a batch of prompts with left padding. Returns the tokens and a LatencyReport. With a `Speculator`
+(`--speculative ngram|draft`), batch-1 decoding proposes and verifies several tokens per engine call
+(runtime/speculative.py), with the same greedy output and the same sampling distribution.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import BadInputError, LmforgeError
-from runtime.report import LatencyReport
+from runtime.report import LatencyReport, engine_traffic
 from runtime.session import Session, check_context
 
 TokenCallback = Callable[[int, int], None]  # (sequence index in the batch, token id)
@@ -93,9 +95,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 
 def generate(session: Session, prompts: Sequence[Sequence[int]] | Sequence[int],
-             config: GenerationConfig = GenerationConfig(), on_token: TokenCallback | None = None
-             ) -> GenerationResult:
-    """Run prefill and decode steps until every sequence stops or reaches max_new_tokens."""
+             config: GenerationConfig = GenerationConfig(), on_token: TokenCallback | None = None,
+             speculator=None) -> GenerationResult:
+    """Run prefill and decode steps until every sequence stops or reaches max_new_tokens. With a
+    `runtime.speculative.Speculator`, decode speculatively where the engine allows it (else plainly, and the
+    report's speculation_note says why)."""
     config.validate()
     facts = session.artifact.model_facts
     if prompts and isinstance(prompts[0], (int, np.integer)):
@@ -119,21 +123,47 @@ def generate(session: Session, prompts: Sequence[Sequence[int]] | Sequence[int],
             done[row] = token in stop
         return np.where(done, pad_id, next_tokens)
 
+    note = speculator.why_not(session, batch) if speculator is not None else None
+    speculating = speculator is not None and note is None
+    if speculating:  # one sampler for prefill and verify steps: the rejection rule needs its distributions
+        from runtime.speculative import TokenPicker, speculative_decode
+
+        sampler = TokenPicker(config.temperature, config.top_k, config.top_p, config.seed)
+
+    def emit(token: int) -> bool:
+        """Take one token of the single sequence; whether it ended the sequence."""
+        accept(np.array([token]))
+        return bool(done[0])
+
     session.reset()
     started = time.perf_counter()
     logits = session.prefill(ids, mask, last_only=True)
-    feed = accept(sampler(logits[:, -1, :]))
+    if speculating:
+        first = sampler.pick(logits[0, -1])
+        emit(first)
+    else:
+        feed = accept(sampler(logits[:, -1, :]))
     ttft_ms = (time.perf_counter() - started) * 1000
     step_ms = []
-    while not done.all() and len(step_ms) + 1 < config.max_new_tokens:
-        step_started = time.perf_counter()
-        logits = session.decode(feed)
-        feed = accept(sampler(logits[:, -1, :]))
-        step_ms.append((time.perf_counter() - step_started) * 1000)
+    if speculating:
+        stats = speculative_decode(session, list(prompts[0]), first, sampler, speculator, config.max_new_tokens,
+                                   stop, emit)
+        step_ms = stats.step_ms
+    else:
+        while not done.all() and len(step_ms) + 1 < config.max_new_tokens:
+            step_started = time.perf_counter()
+            logits = session.decode(feed)
+            feed = accept(sampler(logits[:, -1, :]))
+            step_ms.append((time.perf_counter() - step_started) * 1000)
 
     report = LatencyReport(engine_id=session.artifact.id, backend=getattr(session, "backend", "?"), batch=batch,
                            prompt_tokens=int(ids.shape[1]), generated_tokens=max(len(t) for t in tokens),
-                           ttft_ms=ttft_ms, step_ms=step_ms)
+                           ttft_ms=ttft_ms, step_ms=step_ms, **engine_traffic(session.artifact))
+    if speculator is not None:
+        report.speculative, report.speculation_note = speculator.config.method, note or ""
+    if speculating:
+        report.drafted_tokens, report.accepted_tokens = stats.drafted, stats.accepted
+        report.verify_steps = stats.verify_steps
     reasons = ["stop" if done[row] else "length" for row in range(batch)]
     return GenerationResult(tokens, reasons, report)
 
@@ -167,23 +197,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--provider", default="cpu", help="ONNX Runtime execution provider: cpu or cuda")
     parser.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    parser.add_argument("--speculative", default=None, metavar="ngram|draft",
+                        help="speculative decoding (same output): 'ngram' looks drafts up in the prompt and the text "
+                             "so far; 'draft' asks a draft model (--draft)")
+    parser.add_argument("--draft", default=None, metavar="ARTIFACT",
+                        help="the draft model for --speculative draft: an engine with the same tokenizer")
     args = parser.parse_args(argv)
 
     from runtime.session import SessionOptions, open
+    from runtime.speculative import open_speculator
     from runtime.text import load_codec
 
+    speculator = None
     try:
-        with open(args.artifact, SessionOptions(threads=args.threads, provider=args.provider)) as session:
+        options = SessionOptions(threads=args.threads, provider=args.provider)
+        with open(args.artifact, options) as session:
+            speculator = open_speculator(args.speculative, args.draft, session.artifact, options)
             codec = load_codec(session.artifact)
             text = args.prompt
             if not args.raw and codec.chat_template:
                 text = codec.render_chat([{"role": "user", "content": args.prompt}])
             config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-            result = generate(session, [codec.encode(text)], config, on_token=TextStreamer(codec))
+            result = generate(session, [codec.encode(text)], config, on_token=TextStreamer(codec),
+                              speculator=speculator)
     except LmforgeError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        if speculator is not None:
+            speculator.close()
     print(file=sys.stdout)
     print(result.report.one_line(), file=sys.stderr)
     return 0

@@ -36,7 +36,9 @@ from runtime.session import (
     check_prompt,
     check_token_ids,
     decode_step,
+    extend_step,
     prefill_state,
+    rollback_state,
 )
 
 MODEL_FILE = "model.onnx"
@@ -177,6 +179,37 @@ class OrtSession:
             self._reserve_cache(ids.shape[0], length + 1, keep=length)
             return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=True)
         return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=True)
+
+    def extend(self, tokens) -> np.ndarray:
+        """Append n tokens per row ([batch, n], or [n] for one row) after the cache in one call and return the
+        logits of all n positions [batch, n, vocab]: speculative decoding's verify step, one read of the
+        weights for n tokens."""
+        self._check_open()
+        if self._state is None:
+            raise BadInputError("extend called before prefill; call prefill(prompt) first")
+        length = self._state.length
+        ids, mask, positions = extend_step(self._state, tokens, self.facts)
+        if self._shares_cache:
+            self._reserve_cache(ids.shape[0], length + ids.shape[1], keep=length)
+            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=False)
+        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=False)
+
+    @property
+    def supports_rollback(self) -> bool:
+        """Whether `rollback` is free: the shared cache buffers, which GroupQueryAttention reads only up to the
+        attention mask's length, so a shorter mask is all a rollback needs. An unfused graph's present tensors
+        are fresh copies of the whole cache each step, so cutting them back would copy it again."""
+        return self._shares_cache
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first `length` cached positions (speculative decoding drops its rejected drafts)."""
+        self._check_open()
+        if not self.supports_rollback:
+            raise BadInputError(f"engine {self.artifact.id} cannot roll its cache back without copying it "
+                                "(unfused attention or a GPU cache); rebuild it fused with `python -m export.build`")
+        if self._state is None:
+            raise BadInputError("rollback called before prefill; call prefill(prompt) first")
+        rollback_state(self._state, length)
 
     def reset(self) -> None:
         self._check_open()

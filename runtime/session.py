@@ -139,6 +139,32 @@ def decode_step(state: CacheState, tokens, facts: dict) -> tuple[np.ndarray, np.
     return ids, state.mask, positions
 
 
+def extend_step(state: CacheState, tokens, facts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids) for several tokens per row after the cache in one step
+    (speculative decoding's verify step); `tokens` is [batch, n] or, for one row, [n]."""
+    ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    if ids.ndim == 1:
+        ids = ids[None]
+    batch = state.mask.shape[0]
+    if ids.ndim != 2 or ids.shape[0] != batch or ids.shape[1] == 0:
+        raise BadInputError(f"extend takes [batch={batch}, n >= 1] tokens, got shape {list(ids.shape)}")
+    check_token_ids(ids, facts)
+    check_context(state.length + ids.shape[1], facts)
+    state.mask = np.concatenate([state.mask, np.ones(ids.shape, np.int64)], axis=1)
+    positions = state.next_position[:, None] + np.arange(ids.shape[1], dtype=np.int64)
+    state.next_position = state.next_position + ids.shape[1]
+    return ids, state.mask, positions
+
+
+def rollback_state(state: CacheState, length: int) -> None:
+    """Forget every cached position from `length` on: the mask (and so what attention reads) gets shorter and
+    the next token takes position `length` again. No cache memory is touched; the next step overwrites it."""
+    if not 0 < length <= state.length:
+        raise BadInputError(f"cannot roll the cache back to {length} positions; it holds {state.length}")
+    state.next_position = state.next_position - (state.length - length)
+    state.mask = state.mask[:, :length]
+
+
 def open(artifact: str | os.PathLike | artifacts.Artifact, options: SessionOptions | None = None,
          verify: bool = True) -> Session:
     """A Session over the artifact's engine, chosen by the manifest's backend (ONNX Runtime by default)."""
