@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import runtime
 from runtime import artifact as artifacts
 from runtime.baselines import genai_loop, plain_greedy, plain_session
 from runtime.errors import BadInputError, LmforgeError
@@ -33,7 +34,6 @@ from runtime.model_folder import genai_folder
 from runtime.progress import track
 from runtime.report import percentile
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.speculative import open_speculator
 
 THIS = "lmforge"
@@ -81,7 +81,7 @@ def prompt_ids(art: artifacts.Artifact, length: int) -> list[int]:
 
 def this_runtime(art: artifacts.Artifact, prompt: list[int], gen_len: int, options: SessionOptions,
                  speculator=None) -> Callable[[], Run]:
-    session = open_session(art, options)
+    session = runtime.open(art, options)
     # No stop tokens: every run generates exactly gen_len tokens, so runs are comparable.
     config = GenerationConfig(max_new_tokens=gen_len, stop_token_ids=())
 

@@ -25,13 +25,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import runtime
 from runtime import artifact as artifacts
 from runtime.baselines import genai_loop
 from runtime.errors import LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.progress import track
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.speculative import open_speculator
 from runtime.text import load_codec
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads)
         genai = genai_int8_folder(art) if args.genai else None
-        with open_session(art, options) as session:
+        with runtime.open(art, options) as session:
             speculators[NGRAM] = open_speculator("ngram", None, art, options)
             if args.draft:
                 speculators[DRAFT] = open_speculator("draft", args.draft, art, options)

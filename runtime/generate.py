@@ -204,14 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the draft model for --speculative draft: an engine with the same tokenizer")
     args = parser.parse_args(argv)
 
-    from runtime.session import SessionOptions, open
+    import runtime
+    from runtime.session import SessionOptions
     from runtime.speculative import open_speculator
     from runtime.text import load_codec
 
     speculator = None
     try:
         options = SessionOptions(threads=args.threads, provider=args.provider)
-        with open(args.artifact, options) as session:
+        with runtime.open(args.artifact, options) as session:
             speculator = open_speculator(args.speculative, args.draft, session.artifact, options)
             codec = load_codec(session.artifact)
             text = args.prompt

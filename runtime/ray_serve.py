@@ -44,6 +44,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+import runtime
 from runtime import artifact as artifacts
 from runtime.errors import ArtifactError, BadInputError, LmforgeError
 from runtime.generate import GenerationConfig
@@ -59,7 +60,6 @@ from runtime.service import (
     slot_context,
 )
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 
@@ -310,7 +310,7 @@ class EngineReplica:
             logger.error("replica %s will not serve: %s", self.replica, exc)
             raise ArtifactError(f"replica {self.replica} will not serve: {exc}") from None
         self.metrics = Metrics()
-        self.service = Service(open_session(artifact, SessionOptions(threads=threads)), config, self.metrics)
+        self.service = Service(runtime.open(artifact, SessionOptions(threads=threads)), config, self.metrics)
         self.metrics.watch(self.service)
         logger.info("replica %s: %s", self.replica, startup_line(self.service))
 

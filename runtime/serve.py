@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
+import runtime
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError, LmforgeError
 from runtime.openai_api import (
@@ -45,7 +46,6 @@ from runtime.openai_api import (
 )
 from runtime.service import DEFAULT_MAX_CONTEXT, Job, QueueFullError, Service, ServiceClosedError, ServiceConfig
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.text import load_codec
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
@@ -562,7 +562,7 @@ def create_app(artifact: artifacts.Artifact, name: str | None = None, options: S
     if service is None:
         service_config.validate()  # before the engine loads
         local_metrics = Metrics()
-        service = Service(open_session(artifact, options or SessionOptions()), service_config, local_metrics)
+        service = Service(runtime.open(artifact, options or SessionOptions()), service_config, local_metrics)
         local_metrics.watch(service)
     server = Server(artifact, name or artifact.id, service, limits)
 

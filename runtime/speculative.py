@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import runtime
 from runtime.errors import BadInputError
 
 METHODS = ("ngram", "draft")
@@ -380,9 +381,8 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
         return Speculator(config)
     if not draft_path:
         raise BadInputError("--speculative draft needs --draft ARTIFACT (an engine built with the same tokenizer)")
-    from runtime.session import open as open_session
 
-    draft = open_session(draft_path, options)
+    draft = runtime.open(draft_path, options)
     try:
         check_same_tokenizer(target, draft.artifact)
     except BadInputError:

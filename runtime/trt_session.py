@@ -358,7 +358,7 @@ class TrtSession:
 
     def _check_open(self) -> None:
         if self.engine is None:
-            raise SessionClosedError("the session is closed; open a new one with runtime.session.open()")
+            raise SessionClosedError("the session is closed; open a new one with runtime.open(artifact)")
 
     def __enter__(self):
         return self
