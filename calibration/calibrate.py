@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from calibration import stats
-from calibration.data import DataConfig, load_samples, within_context
-from calibration.graph import linear_nodes, projection_nodes, weight_array, weight_axis
-from calibration.qdq import (
+from export.graph import stats
+from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
+from export.graph.qdq import (
     BLOCKS,
     QuantizeLinearLayersPass,
     fake_quantize_activation,
@@ -32,15 +32,15 @@ from calibration.qdq import (
     fake_quantize_weight_blocked,
     quantize_int4,
 )
-from calibration.rotation import RotateDownProjInputPass, RotateResidualPass
-from calibration.smoothquant import SmoothQuantPass
+from export.graph.rotation import RotateDownProjInputPass, RotateResidualPass
+from export.graph.sequence import PassSequence
+from export.graph.smoothquant import SmoothQuantPass
 from runtime import accuracy
-from runtime.artifact import Artifact, ArtifactWriter
+from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
 from runtime.text import load_codec
 
 STAGE = "calibrate"
-MODEL_FILE = "model.onnx"
 PRECISIONS = ("int8", "int8-weight-only", "int4")
 # int8-weight-only is smoothed too: MatMulNBits quantizes its input per block at run time (int8 compute),
 # where the outliers do the damage; the strengths are the best measured (README, "INT8"). int4 weights have no
@@ -166,18 +166,13 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     if config.precision == "int4":  # weights only: no activation statistics
         return source, None, _weight_sensitivity(source, config.precision), []
     model = ir.load(str(source))
-    if config.rotate:
-        rotation = RotateResidualPass(seed=config.data.seed)
-        rotation(model)
+    rotations = _rotations(config)
+    if rotations:
+        steps = PassSequence(*rotations)(model).steps
         source = work / "rotated.onnx"
         ir.save(model, source)
-        progress(f"[calibrate] residual stream rotated ({len(rotation.rotated)} layers)")
-    if config.online_rotation:
-        online = RotateDownProjInputPass()
-        online(model)
-        source = work / "rotated-online.onnx"
-        ir.save(model, source)
-        progress(f"[calibrate] online Hadamard before {len(online.rotated)} down_proj layers")
+        for rotation, result in zip(rotations, steps):
+            progress("[calibrate] " + ROTATION_PROGRESS[type(rotation)].format(len(result.rotated)))
     inputs = stats.linear_inputs(model, facts["linear_layers"])
     tensors = sorted(set(inputs.values()))
     smoothed: list[str] = []
@@ -190,8 +185,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
         skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
         smoothing = SmoothQuantPass({name: s.channel_absmax for name, s in channel_stats.items()}, alpha=alpha,
                                     skip=skip)
-        smoothing(model)
-        smoothed = smoothing.smoothed
+        smoothed = smoothing(model).smoothed
         source = work / "smoothed.onnx"
         ir.save(model, source)
         progress(f"[calibrate] SmoothQuant (alpha {alpha}) folded into {len(smoothed)} layers")
@@ -202,6 +196,18 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+# The progress line each rotation reports, given how many layers it rotated.
+ROTATION_PROGRESS = {RotateResidualPass: "residual stream rotated ({} layers)",
+                     RotateDownProjInputPass: "online Hadamard before {} down_proj layers"}
+
+
+def _rotations(config: CalibrationConfig) -> list[ir.passes.PassBase]:
+    """The rotations the config asks for, in the order they compose: the residual stream first (it changes the
+    weights the online rotation then multiplies)."""
+    return ([RotateResidualPass(seed=config.data.seed)] if config.rotate else []) + (
+        [RotateDownProjInputPass()] if config.online_rotation else [])
 
 
 def _activation_sensitivity(model: ir.Model, inputs: dict[str, str], tensor_stats, scales) -> list[str]:

@@ -91,8 +91,8 @@ def latency_lines(name: str, latency: dict[str, Any] | None) -> list[str]:
 def usage_lines(name: str, has_genai: bool) -> list[str]:
     lines = ["### lmforge's runtime (numpy, tokenizers and ONNX Runtime; no torch)", "",
              f'    python -m runtime.generate {name} "What is the capital of France?"', "",
-             "```python", "import runtime.generate, runtime.session",
-             f'with runtime.session.open("{name}") as session:',
+             "```python", "import runtime, runtime.generate",
+             f'with runtime.open("{name}") as session:',
              "    result = runtime.generate.generate(session, [token_ids], "
              "runtime.generate.GenerationConfig(max_new_tokens=64))", "```", ""]
     if has_genai:
@@ -117,8 +117,8 @@ def usage_lines(name: str, has_genai: bool) -> list[str]:
 
 def files_lines(files: list[str]) -> list[str]:
     described = {
-        "model.onnx": "the engine: ONNX with the KV cache (inputs `input_ids`, `attention_mask`, `position_ids`, "
-                      "`past_key_values.N.key/value`; outputs `logits`, `present.N.key/value`)",
+        artifacts.MODEL_FILE: "the engine: ONNX with the KV cache (inputs `input_ids`, `attention_mask`, "
+                              "`position_ids`, `past_key_values.N.key/value`; outputs `logits`, `present.N.key/value`)",
         GENAI_CONFIG: "onnxruntime-genai's description of the decoder and its search defaults",
         HF_CONFIG: "the source model's Hugging Face config, with the facts pruning changed updated",
         GENERATION_CONFIG: "the source model's generation defaults",

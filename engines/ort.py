@@ -1,7 +1,7 @@
 """The ONNX Runtime engine: the parent graph (fp32, pruned or Q/DQ) rewritten the way ONNX Runtime runs it
 fastest, with the ONNX contract's inputs and outputs kept so the runtime drives every engine the same way.
 
-1. `FuseAttentionPass` (ours, engines/fusion.py): attention -> GroupQueryAttention + RotaryEmbedding.
+1. `FuseAttentionPass` (ours, export/graph/attention.py): attention -> GroupQueryAttention + RotaryEmbedding.
 2. ONNX Runtime's transformer optimizer: RMSNorm / residual-add fusions (SkipSimplifiedLayerNormalization).
 3. ONNX Runtime's offline graph optimization for the target provider (Q/DQ -> MatMulIntegerToFloat,
    MatMulNBits, constant folding), saved into the artifact so a session starts without redoing it.
@@ -20,18 +20,21 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from engines.fusion import AttentionFacts, FuseAttentionPass, add_initializer
 from engines.model_card import CARD, model_card
-from runtime.artifact import Artifact, ArtifactWriter
+from export.graph.attention import AttentionFacts, FuseAttentionPass
+from export.graph.linear import add_initializer
+from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.model_folder import write_genai_config, write_hf_files
+from runtime.ort_session import PROVIDERS as RUNTIME_PROVIDERS
 from runtime.progress import Ticker
 from runtime.session import LOGITS_TO_KEEP
 
 STAGE = "engine"
-MODEL_FILE = "model.onnx"
 HEAD_NAMES = ("lm_head", "embed_out")  # the LM head as the export's naming pass calls it (NeoX: embed_out)
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# The runtime's providers (the one list, runtime/ort_session.py) by ONNX Runtime's name for each, which it
+# spells `<NAME>ExecutionProvider` (CPUExecutionProvider, CUDAExecutionProvider).
+PROVIDERS = {name: f"{name.upper()}ExecutionProvider" for name in RUNTIME_PROVIDERS}
 
 
 @dataclass(frozen=True)
@@ -185,15 +188,15 @@ CARD_PROMPT_TOKENS, CARD_NEW_TOKENS = 64, 32
 
 def build_latency(engine: Artifact, config: EngineConfig) -> dict[str, Any]:
     """TTFT and time per output token of one greedy run through lmforge's runtime, after a warm-up run."""
+    import runtime
     from runtime.generate import GenerationConfig, generate
     from runtime.session import SessionOptions
-    from runtime.session import open as open_session
 
     facts = engine.model_facts
     length = min(CARD_PROMPT_TOKENS, (facts.get("max_context") or 2 * CARD_PROMPT_TOKENS) // 2)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, facts["vocab_size"], length)]
     generation = GenerationConfig(max_new_tokens=CARD_NEW_TOKENS, stop_token_ids=[])  # the full count, always
-    with open_session(engine, SessionOptions(threads=config.threads, provider=config.provider)) as session:
+    with runtime.open(engine, SessionOptions(threads=config.threads, provider=config.provider)) as session:
         generate(session, prompt, generation)  # warm-up: first-run allocations are not the engine's speed
         report = generate(session, prompt, generation).report
     return {"ttft_ms": report.ttft_ms, "tpot_ms": report.tpot_ms, "tokens_per_second": report.tokens_per_second,

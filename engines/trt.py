@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import Artifact, ArtifactWriter
+from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.trt_session import DECODE_PROFILE, PLAN_FILE, PREFILL_PROFILE, compatibility_keys, import_cudart
 
 STAGE = "engine"
-MODEL_FILE = "model.onnx"
 STEP_INPUTS = ("input_ids", "position_ids")
 # The build verifies every plan on held-out windows cut to --max-seq; perplexity and the calibration data need
 # at least this many tokens per window.

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 
+import runtime
 from runtime import accuracy
-from runtime.artifact import Artifact
-from runtime.baselines import prefill_feeds
+from runtime.artifact import MODEL_FILE, Artifact
+from runtime.contract import prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 
-MODEL_FILE = "model.onnx"
 # (error statistic, absolute tolerance) on logits against the fp32 export, by precision.
 LOGITS_TOLERANCE = {"fp32": ("max", 1e-3), "fp16": ("mean", 5e-2), "int8": ("mean", 1.0),
                     "int8-weight-only": ("mean", 0.5), "int4": ("mean", 2.0)}
@@ -101,7 +100,7 @@ def parent_increase(parent: Artifact, reference: Reference) -> float:
 
 
 def evaluate_engine(engine: Artifact, windows: np.ndarray, threads: int) -> accuracy.Evaluation:
-    session = open_session(engine, SessionOptions(threads=threads))
+    session = runtime.open(engine, SessionOptions(threads=threads))
     try:
         return accuracy.evaluate_session(session, windows)
     finally:

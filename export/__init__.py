@@ -1,1 +1,2 @@
-"""Model loading, torch → ONNX export, graph passes, and the build conductor (`python -m export.build`)."""
+"""Model loading, torch → ONNX export, pruning and distillation, the graph toolkit (`export.graph`), and the build
+conductor (`python -m export.build`)."""

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from calibration import calibrate
-from calibration.data import DataConfig, load_samples, user_documents, within_context
 from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
 from engines.verify import Reference, verify
 from export import distill, onnx_export, prune, report
+from export.graph.data import DataConfig, load_samples, user_documents, verification_windows, within_context
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
@@ -309,7 +309,7 @@ class Stage:
 
 EXPORT = Stage(onnx_export.STAGE, ("export.onnx_export", "export.models"))
 PRUNE = Stage(prune.STAGE, ("export.prune",))
-DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "calibration.data"))
+DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "export.graph.data"))
 CALIBRATE = Stage(calibrate.STAGE, ("calibration.calibrate",))
 FP16 = Stage(fp16.STAGE, ("engines.fp16", "engines.verify"))
 ENGINES = {"ort": Stage(ort_engine.STAGE, ("engines.ort", "engines.verify")),
@@ -421,21 +421,6 @@ def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callab
     return reference
 
 
-def verification_windows(export: artifacts.Artifact, data: DataConfig):
-    """The calibration data's held-out windows (the same the calibration gate used), or seeded random token
-    windows for a model exported without a tokenizer."""
-    import numpy as np
-
-    from runtime.text import load_codec
-
-    facts = export.model_facts
-    data = within_context(data, facts)
-    if facts.get("tokenizer"):
-        return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
-    rng = np.random.default_rng(data.seed)
-    return rng.integers(0, facts["vocab_size"], size=(data.eval_samples, min(data.seq_len, 64)), dtype=np.int64)
-
-
 def accuracy_text(metrics: dict) -> str:
     if "distillation" in metrics:
         figures = metrics["distillation"]
@@ -537,7 +522,7 @@ def run_fp16(config: BuildConfig, parent: artifacts.Artifact, reference: Callabl
 
 
 def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
-    from export.passes.pruning import PrunePlan
+    from export.graph.pruning import PrunePlan
     from runtime.text import load_codec
 
     source = resolve(config.model, trust_remote_code=config.trust_remote_code)

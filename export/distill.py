@@ -2,7 +2,7 @@
 unpruned teacher's next-token distribution (KL on calibration text, AdamW), then exported by the export
 stage as any model is.
 
-`prune_module` is the PyTorch twin of the graph passes in export/passes/pruning.py; a test checks the two
+`prune_module` is the PyTorch twin of the graph passes in export/graph/pruning.py; a test checks the two
 give the same logits before any training.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from export.passes.pruning import PrunePlan, PruningError, group_channels
+from export.graph.pruning import PrunePlan, PruningError, group_channels
 from runtime.errors import AccuracyError
 from runtime.progress import Bar
 

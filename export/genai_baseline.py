@@ -61,14 +61,13 @@ def evaluate(model_dir: Path, art: artifacts.Artifact, threads: int) -> dict:
 
     import numpy as np
 
-    from calibration.data import DataConfig
-    from export.build import verification_windows
+    from export.graph.data import DataConfig, verification_windows
     from runtime import accuracy
     from runtime.baselines import plain_session
 
     export = export_ancestor(art)
     windows = verification_windows(export, DataConfig())
-    reference = accuracy.evaluate_model(export.file("model.onnx"), export.model_facts, windows, threads)
+    reference = accuracy.evaluate_model(export.file(artifacts.MODEL_FILE), export.model_facts, windows, threads)
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     session = plain_session(model_dir / decoder["filename"], threads)
     empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)

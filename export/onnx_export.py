@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import resource
 import time
 import warnings
@@ -16,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from calibration.graph import projection_nodes
-from export.passes.naming import NameLinearLayersPass
-from runtime.artifact import Artifact, ArtifactWriter
-from runtime.baselines import kv_names, plain_greedy, plain_session
+from export.graph.linear import projection_nodes
+from export.graph.naming import MLP_OUTPUTS, NameLinearLayersPass, split_layer_name
+from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
+from runtime.baselines import plain_greedy, plain_session
+from runtime.contract import kv_names
 from runtime.errors import AccuracyError
 from runtime.model_folder import GENERATION_CONFIG, HF_CONFIG, pruned_hf_config, write_json
 
-MODEL_FILE = "model.onnx"
 STAGE = "export"
 PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village,"
 
@@ -278,19 +277,16 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_me
     return writer.commit(io=io, metrics=metrics, precision="fp32")
 
 
-# The projection each decoder layer's MLP ends with (Llama-style, GPT-2's Conv1D, GPT-NeoX): its input width is
-# the layer's MLP width, which a pruned-then-distilled model may no longer share with its config.
-MLP_OUTPUT_PROJECTION = re.compile(r"\.(\d+)\.mlp\.(down_proj|c_proj|dense_4h_to_h)$")
-
-
 def mlp_widths(model) -> list[int] | None:
-    """Each decoder layer's MLP width, read from its modules; None where no layer's MLP is recognised."""
+    """Each decoder layer's MLP width, read from its modules; None where no layer's MLP is recognised. The
+    width is the input width of the projection the MLP ends with, which a pruned-then-distilled model may no
+    longer share with its config."""
     widths = {}
     for name, module in model.named_modules():
-        match = MLP_OUTPUT_PROJECTION.search(name)
+        parts = split_layer_name(name)
         width = getattr(module, "in_features", None) or getattr(module, "nx", None)  # nn.Linear, GPT-2's Conv1D
-        if match and width:
-            widths[int(match[1])] = int(width)
+        if parts is not None and parts[2] in MLP_OUTPUTS and width:
+            widths[parts[0]] = int(width)
     return [widths[i] for i in sorted(widths)] or None
 
 

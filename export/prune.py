@@ -24,24 +24,25 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from calibration import stats
-from calibration.data import DataConfig, load_samples, within_context
-from calibration.graph import linear_nodes, set_constant, weight_axis
-from export.passes.pruning import (
+from export.graph import stats
+from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.linear import bias_value, linear_nodes, set_constant, weight_axis
+from export.graph.pruning import (
     Block,
     DropLayersPass,
     PruneAttentionHeadsPass,
     PruneMlpChannelsPass,
     PrunePlan,
     PruningError,
-    _bias_value,
     _residual_span,
     find_blocks,
     group_channels,
 )
+from export.graph.sequence import PassSequence
 from export.sensitivity import MaskedModel
 from runtime import accuracy
-from runtime.artifact import Artifact, ArtifactWriter
+from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
+from runtime.contract import cache_layer
 from runtime.errors import BadInputError
 from runtime.text import load_codec
 
@@ -54,7 +55,6 @@ SEARCH_WINDOWS = 8
 FIRST_STEP, MAX_STEP = 16, 64
 REJECTED_IN_A_ROW = 6
 MAX_EVALUATIONS = 40
-MODEL_FILE = "model.onnx"
 KINDS = ("mlp", "heads", "layers")
 
 
@@ -286,13 +286,11 @@ def removed_parameters(chosen: list[Unit]) -> int:
 
 
 def apply_plan(model: ir.Model, plan: PrunePlan, facts: dict) -> None:
-    sequence = [PruneMlpChannelsPass(plan),
-                PruneAttentionHeadsPass(plan, facts["attention_heads"], facts["kv_heads"], facts["head_dim"]),
-                DropLayersPass(plan)]
-    for prune in sequence:
-        prune(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    ir.passes.common.RemoveUnusedOpsetsPass()(model)
+    PassSequence(PruneMlpChannelsPass(plan),
+                 PruneAttentionHeadsPass(plan, facts["attention_heads"], facts["kv_heads"], facts["head_dim"]),
+                 DropLayersPass(plan),
+                 ir.passes.common.RemoveUnusedNodesPass(),
+                 ir.passes.common.RemoveUnusedOpsetsPass())(model)
 
 
 def repair(model: ir.Model, plan: PrunePlan, energies: dict[int, LayerEnergy], facts: dict) -> int:
@@ -325,7 +323,7 @@ def _refit(node: ir.Node, kept: np.ndarray, gram: np.ndarray, mean: np.ndarray, 
     refit = np.linalg.solve(g_kk + ridge, g_k @ original.astype(np.float64))
     axis = weight_axis(node)
     set_constant(node.inputs[1], (refit if axis == 1 else refit.T).astype(np.float32))
-    bias = _bias_value(node)
+    bias = bias_value(node)
     if bias is not None:
         drift = mean @ original.astype(np.float64) - mean[kept] @ refit
         set_constant(bias, (bias.const_value.numpy() + drift).astype(np.float32))
@@ -437,16 +435,15 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     io = dict(parent.io) | {"model": new_facts}
-    io["inputs"] = [i for i in parent.io["inputs"] if _cache_index(i["name"]) is None
-                    or _cache_index(i["name"]) < new_facts["layers"]]
-    io["outputs"] = [o for o in parent.io["outputs"] if _cache_index(o["name"]) is None
-                     or _cache_index(o["name"]) < new_facts["layers"]]
+    io["inputs"] = [i for i in parent.io["inputs"] if _kept(i["name"], new_facts["layers"])]
+    io["outputs"] = [o for o in parent.io["outputs"] if _kept(o["name"], new_facts["layers"])]
     return writer.commit(io=io, metrics=metrics, precision=parent.manifest.get("precision", "fp32"))
 
 
-def _cache_index(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] in ("past_key_values", "present") else None
+def _kept(name: str, layers: int) -> bool:
+    """Whether an input or output survives pruning to `layers` layers (cache I/O is renumbered from 0)."""
+    layer = cache_layer(name)
+    return layer is None or layer < layers
 
 
 def plan_record(plan: PrunePlan, facts: dict) -> dict:

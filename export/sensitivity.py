@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from calibration.graph import weight_axis
-from export.passes.pruning import find_blocks, group_channels
+from export.graph.linear import weight_axis
+from export.graph.pruning import find_blocks, group_channels
 from runtime import accuracy
-from runtime.baselines import plain_session, prefill_feeds
+from runtime.baselines import plain_session
+from runtime.contract import prefill_feeds
 
 MASK = "prune_mask"
 MASKED_KINDS = {"mlp": "mlp_out", "heads": "attention_out"}  # unit kind -> the Block field it masks

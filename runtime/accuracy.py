@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.baselines import plain_session, prefill_feeds
+from runtime.baselines import plain_session
+from runtime.contract import prefill_feeds
 
 
 @dataclass

@@ -27,6 +27,7 @@ from runtime.errors import ArtifactError
 from runtime.onnx_external import MalformedModel, external_data_locations
 
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"  # the ONNX graph of every artifact but a TensorRT engine, by this one name
 SCHEMA_VERSION = 1
 # Working folders: an artifact being written (TEMP_PREFIX) and a stage's scratch space (WORK_PREFIX). Each is
 # owned by its process through a lock on a sibling `<name>.owner` file, so the next build can remove the ones

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.session import cache_kv_heads
+from runtime.contract import kv_names, prefill_feeds
 
 
 @dataclass
@@ -21,22 +21,6 @@ class LoopRun:
     last_logits: list[np.ndarray] = field(default_factory=list)  # logits of the last position, per step
     ttft_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
-
-
-def kv_names(layers: int, prefix: str = "past_key_values") -> list[str]:
-    """The contract's cache names: `past_key_values.{i}.key/value` (inputs) or `present.{i}...` (outputs)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
-def prefill_feeds(ids: np.ndarray, facts: dict) -> dict[str, np.ndarray]:
-    """Feeds for a prefill of `ids` [batch, sequence] from an empty cache (past length 0)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    batch, length = ids.shape
-    heads = cache_kv_heads(facts)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
-    return feeds | {name: np.zeros((batch, h, 0, facts["head_dim"]), np.float32)
-                    for name, h in zip(kv_names(facts["layers"]), heads)}
 
 
 def plain_session(model_path: str | Path, threads: int | None = None):

@@ -22,7 +22,7 @@ from typing import Any
 from runtime import artifact as artifacts
 
 HF_CONFIG, GENERATION_CONFIG, GENAI_CONFIG = "config.json", "generation_config.json", "genai_config.json"
-MODEL_FILE = "model.onnx"
+MODEL_FILE = artifacts.MODEL_FILE
 
 # Hugging Face config keys by meaning: families spell them differently (GPT-2: n_layer, n_head, n_inner).
 LAYER_KEYS = ("num_hidden_layers", "n_layer")

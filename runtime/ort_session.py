@@ -41,7 +41,7 @@ from runtime.session import (
     rollback_state,
 )
 
-MODEL_FILE = "model.onnx"
+MODEL_FILE = artifacts.MODEL_FILE
 STEP_INPUTS = (b"input_ids", b"attention_mask", b"position_ids")
 _LOGITS_TO_KEEP = LOGITS_TO_KEEP.encode()
 _CACHE_LENGTHS = CACHE_LENGTHS.encode()

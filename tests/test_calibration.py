@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 from conftest import run_cli
 
-from calibration import stats
-from calibration.data import DataConfig, default_documents, load_samples, split_documents
-from calibration.qdq import BLOCKS, QuantizeLinearLayersPass
-from calibration.smoothquant import SmoothQuantPass
+from export.graph import stats
+from export.graph.data import DataConfig, default_documents, load_samples, split_documents
+from export.graph.qdq import BLOCKS, QuantizeLinearLayersPass
+from export.graph.smoothquant import SmoothQuantPass
 from runtime import accuracy
 
 
@@ -157,7 +157,7 @@ def test_smoothquant_is_exact_in_float(llama_stats, tmp_path):
     result = smoothing(model)
     assert result.modified
     # q/k/v and gate/up fold into the norms; down_proj folds into up_proj: 6 of the 7 layers of each block.
-    assert len(smoothing.smoothed) == 2 * 6 and "model.layers.1.mlp.down_proj" in smoothing.smoothed
+    assert len(result.smoothed) == 2 * 6 and "model.layers.1.mlp.down_proj" in result.smoothed
     assert_same_function_in_float(art, model, tmp_path)
 
 
@@ -165,8 +165,8 @@ def test_qdq_is_what_tensorrt_accepts(llama_stats, tmp_path):
     art, collected = llama_stats
     model = ir.load(str(art.file("model.onnx")))
     scales = {name: s.scale("percentile") for name, s in collected.items()}
-    quantize = QuantizeLinearLayersPass(frozenset({"lm_head"}), scales)
-    assert quantize(model).modified and len(quantize.quantized) == 14 and "lm_head" not in quantize.quantized
+    result = QuantizeLinearLayersPass(frozenset({"lm_head"}), scales)(model)
+    assert result.modified and len(result.quantized) == 14 and "lm_head" not in result.quantized
     ir.save(model, tmp_path / "int8.onnx")
     proto = onnx.load(str(tmp_path / "int8.onnx"))
     onnx.checker.check_model(proto)
@@ -247,31 +247,31 @@ def test_keep_fp_naming_no_layer_exits_2(tiny_model_factory, tmp_path):
 
 
 def test_residual_rotation_is_exact_in_float(export_factory, tmp_path):
-    from calibration.rotation import RotateResidualPass
+    from export.graph.rotation import RotateResidualPass
 
     art = export_factory("llama")
     model = ir.load(str(art.file("model.onnx")))
-    rotation = RotateResidualPass(seed=1)
-    assert rotation(model).modified and len(rotation.rotated) == 15  # 7 per block and the LM head
+    result = RotateResidualPass(seed=1)(model)
+    assert result.modified and len(result.rotated) == 15  # 7 per block and the LM head
     assert_same_function_in_float(art, model, tmp_path)
 
 
 def test_online_down_proj_rotation_is_exact_in_float(export_factory, tmp_path):
-    from calibration.rotation import RotateDownProjInputPass, block_hadamard
+    from export.graph.rotation import RotateDownProjInputPass, block_hadamard
 
     h = block_hadamard(96)  # 3 blocks of 32
     np.testing.assert_allclose(h @ h.T, np.eye(96), atol=1e-6)
     assert np.count_nonzero(h[:32, 32:]) == 0 and np.count_nonzero(h[:32, :32]) == 32 * 32
     art = export_factory("llama")
     model = ir.load(str(art.file("model.onnx")))
-    rotation = RotateDownProjInputPass()
-    assert rotation(model).modified and rotation.rotated == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    result = RotateDownProjInputPass()(model)
+    assert result.modified and result.rotated == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert sum(node.name.endswith(".online_rotation") for node in model.graph) == 2
     assert_same_function_in_float(art, model, tmp_path)
 
 
 def test_rotation_refuses_layernorm_models_in_plain_words(export_factory):
-    from calibration.rotation import RotateResidualPass
+    from export.graph.rotation import RotateResidualPass
 
     model = ir.load(str(export_factory("gpt2").file("model.onnx")))
     with pytest.raises(ir.passes.PreconditionError, match="needs RMSNorm"):
@@ -298,7 +298,7 @@ def test_int8_weight_only_is_blockwise_and_fuses_to_matmulnbits(tiny_model_facto
 
 
 def test_blocked_weights_take_a_shorter_last_block():
-    from calibration.qdq import quantize_weight_blocked
+    from export.graph.qdq import quantize_weight_blocked
 
     weight = np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32)
     weight[150:] *= 1e-3  # the short last block (rows 128-199) must get a scale of its own

@@ -30,7 +30,7 @@ def test_default_model_speaks_english(default_export):
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from runtime.baselines import prefill_feeds
+    from runtime.contract import prefill_feeds
 
     facts = default_export.model_facts
     tokenizer = Tokenizer.from_file(str(default_export.file("tokenizer.json")))
@@ -44,14 +44,14 @@ def test_runtime_greedy_equals_transformers_generate_for_64_tokens(default_expor
     import torch
     from transformers import AutoTokenizer
 
+    import runtime
     from export.models import ensure_default_model, load_model, resolve
     from runtime.generate import GenerationConfig, generate
-    from runtime.session import open as open_session
     from runtime.text import load_codec
 
     codec = load_codec(default_export)
     prompt = codec.encode(codec.render_chat([{"role": "user", "content": "Write a short story about a robot."}]))
-    with open_session(default_export) as session:
+    with runtime.open(default_export) as session:
         ours = generate(session, prompt, GenerationConfig(max_new_tokens=64, stop_token_ids=())).tokens[0]
 
     folder = ensure_default_model()
@@ -69,12 +69,12 @@ def test_runtime_greedy_equals_transformers_generate_for_64_tokens(default_expor
 
 
 def test_runtime_logits_match_onnxruntime_python_on_the_default_model(default_export):
+    import runtime
     from runtime.baselines import plain_greedy, plain_session
-    from runtime.session import open as open_session
 
     prompt = np.arange(1000, 1040)[None]
     reference = plain_greedy(plain_session(default_export.file("model.onnx")), default_export.model_facts, prompt, 6)
-    with open_session(default_export) as session:
+    with runtime.open(default_export) as session:
         logits = session.prefill(prompt)
         for step, expected in enumerate(reference.last_logits):
             if step:
@@ -145,11 +145,11 @@ def test_int8_build_end_to_end_meets_the_gates_in_its_report(default_export):
 def test_continuous_batching_on_the_default_model_equals_each_request_alone(default_export):
     """Requests of different lengths, admitted while others decode and prefilled in chunks, give the tokens
     each gives alone, on the fused fp32 engine of the default build."""
+    import runtime
     from export.build import BuildConfig, build
     from runtime.generate import GenerationConfig, generate
     from runtime.service import Service, ServiceConfig
     from runtime.session import SessionOptions
-    from runtime.session import open as open_session
     from runtime.text import load_codec
 
     results = build(BuildConfig(out=default_export.path.parent, bench_runs=0))
@@ -159,9 +159,9 @@ def test_continuous_batching_on_the_default_model_equals_each_request_alone(defa
                  "Write a haiku about autumn leaves falling on a quiet river.", "Hi", "Explain photosynthesis."]
     prompts = [codec.encode(codec.render_chat([{"role": "user", "content": q}])) for q in questions]
     config = GenerationConfig(max_new_tokens=24, stop_token_ids=())
-    with open_session(engine, SessionOptions(threads=2)) as reference:
+    with runtime.open(engine, SessionOptions(threads=2)) as reference:
         alone = [generate(reference, [p], config).tokens[0] for p in prompts]
-    service = Service(open_session(engine, SessionOptions(threads=2)),
+    service = Service(runtime.open(engine, SessionOptions(threads=2)),
                       ServiceConfig(max_batch=4, max_context=256, prefill_chunk=16, prefix_cache_mb=16))
     try:
         assert service.scheduler == "continuous"

@@ -10,15 +10,16 @@ import pytest
 from conftest import run_cli
 from test_calibration import build_tiny_llama
 
+import runtime
 from engines import ort as ort_engine
 from engines.verify import Reference, verify
 from runtime import artifact as artifacts
 from runtime import ort_session
 from runtime.artifact import ArtifactWriter
-from runtime.baselines import plain_greedy, plain_session, prefill_feeds
+from runtime.baselines import plain_greedy, plain_session
+from runtime.contract import prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 
 
 def build_engine(export, tmp_path, **config):
@@ -34,7 +35,7 @@ def left_padded_run(artifact, prompts, steps=3):
     mask = np.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
-    session = open_session(artifact, SessionOptions(threads=1))
+    session = runtime.open(artifact, SessionOptions(threads=1))
     logits = [np.array(session.prefill(ids, mask))]
     for _ in range(steps):
         logits.append(np.array(session.decode(logits[-1][:, -1].argmax(-1))))
@@ -68,7 +69,7 @@ def test_prefill_for_generation_computes_the_last_position_only(export_factory, 
     engine = build_engine(export, tmp_path)
     assert engine.metrics["fusion"]["logits_to_keep"]
     ids = np.array([[5, 9, 17, 33, 60, 7], [40, 41, 42, 43, 44, 45]], np.int64)
-    session = open_session(engine, SessionOptions(threads=1))
+    session = runtime.open(engine, SessionOptions(threads=1))
     every = np.array(session.prefill(ids))
     last = np.array(session.prefill(ids, last_only=True))
     following = np.array(session.decode(last[:, -1].argmax(-1)))  # the cache is the same either way
@@ -89,12 +90,12 @@ def test_shared_cache_grows_in_place_and_matches_the_contract_loop(export_factor
     engine = build_engine(export_factory("llama"), tmp_path)
     prompt = np.array([[5, 9, 17, 33, 60, 7]], np.int64)
     expected = plain_greedy(plain_session(engine.file("model.onnx"), threads=1), engine.model_facts, prompt, 21)
-    session = open_session(engine, SessionOptions(threads=1))
-    assert session._shares_cache
+    session = runtime.open(engine, SessionOptions(threads=1))
+    assert isinstance(session._kv, ort_session.SharedCache)
     logits = [np.array(session.prefill(prompt))[0, -1]]
     for _ in range(20):
         logits.append(np.array(session.decode(np.array([logits[-1].argmax()])))[0, -1])
-    assert session.cache_length == 26 and session._cache[0].shape[2] >= 26 > 2 * prompt.shape[1]  # it grew
+    assert session.cache_length == 26 and session._kv.buffers[0].shape[2] >= 26 > 2 * prompt.shape[1]  # it grew
     session.prefill(np.array([[5, 9], [7, 8]]))  # another batch size: new buffers, nothing carried over
     again = np.array(session.prefill(prompt))[0, -1]
     session.close()
@@ -168,12 +169,12 @@ def test_bad_engine_flags_are_clear_errors(tiny_model_factory, tmp_path, flags, 
 
 
 def test_float16_keeps_norms_softmax_and_logits_in_float32(export_factory, tmp_path):
-    from engines.fp16 import ConvertToFloat16Pass
+    from export.graph.float16 import ConvertToFloat16Pass
 
     export = export_factory("llama")
     model = ir.load(str(export.file("model.onnx")))
-    convert = ConvertToFloat16Pass()
-    assert convert(model).modified and convert.half_nodes > 50
+    result = ConvertToFloat16Pass()(model)
+    assert result.modified and result.half_nodes > 50
     nodes = list(model.graph)
     dtype = lambda v: (v.const_value.dtype if v.const_value is not None else v.type.dtype)  # noqa: E731
     assert all(dtype(n.inputs[0]) == ir.DataType.FLOAT for n in nodes if n.op_type in ("Softmax", "Pow"))

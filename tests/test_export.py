@@ -10,7 +10,7 @@ from tiny_models import TINY_CONFIGS
 from export import onnx_export
 from export.models import load_model, resolve
 from runtime import artifact as artifacts
-from runtime.baselines import kv_names
+from runtime.contract import kv_names
 from runtime.errors import BadInputError
 
 
@@ -54,12 +54,12 @@ def test_every_family_exports_to_the_contract_and_passes_parity(arch, export_fac
 
 
 def test_sliding_window_caps_the_context_and_the_runtime_says_so(export_factory):
+    import runtime
     from runtime.session import SessionOptions
-    from runtime.session import open as open_session
 
     facts = export_factory("gemma3_text").model_facts
     assert facts["sliding_window"] == 128 and facts["max_context"] == 128
-    with open_session(export_factory("gemma3_text"), SessionOptions(threads=1)) as session:
+    with runtime.open(export_factory("gemma3_text"), SessionOptions(threads=1)) as session:
         with pytest.raises(BadInputError, match="129 tokens exceed the model.s context of 128"):
             session.prefill(np.ones((1, 129), np.int64))
 

@@ -4,9 +4,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from calibration.graph import projection_nodes
-from export.passes.naming import NameLinearLayersPass
-from runtime.baselines import prefill_feeds
+from export.graph.linear import projection_nodes
+from export.graph.naming import NameLinearLayersPass
+from runtime.contract import prefill_feeds
 
 
 def run_prefill(model_path, facts, ids):

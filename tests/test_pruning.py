@@ -10,10 +10,11 @@ import torch
 from conftest import run_cli
 
 from export.distill import prune_module
+from export.graph.pruning import PrunePlan, PruningError, find_blocks
 from export.models import load_model, resolve
-from export.passes.pruning import PrunePlan, PruningError, find_blocks
 from export.prune import apply_plan, pruned_facts
-from runtime.baselines import plain_session, prefill_feeds
+from runtime.baselines import plain_session
+from runtime.contract import prefill_feeds
 from runtime.errors import BadInputError
 
 PLAN = PrunePlan(mlp_channels={0: list(range(0, 128, 2))}, kv_groups={1: [1]}, dropped_layers=[])
@@ -50,8 +51,8 @@ def test_graph_passes_equal_the_plan_on_the_pytorch_model(tiny_model_factory, ex
 
 
 def test_pruned_graph_decodes_through_the_runtime_with_per_layer_heads(export_factory, tmp_path):
+    import runtime
     from runtime.session import SessionOptions
-    from runtime.session import open as open_session
 
     result = run_cli("export.build", "--model", str(export_factory("llama").manifest["config"]["model"]),
                      "--out", str(tmp_path), "--prune", "heads=0.25", "--threads", "1")
@@ -60,7 +61,7 @@ def test_pruned_graph_decodes_through_the_runtime_with_per_layer_heads(export_fa
     manifest = json.loads((pruned / "manifest.json").read_text())
     assert sorted(manifest["io"]["model"]["layer_kv_heads"]) == [1, 2]
     assert manifest["metrics"]["parameters_after"] < manifest["metrics"]["parameters_before"]
-    session = open_session(pruned, SessionOptions(threads=1))
+    session = runtime.open(pruned, SessionOptions(threads=1))
     logits = session.prefill(np.array([[5, 6, 7, 8]]))
     assert np.isfinite(session.decode(np.array([int(logits[0, -1].argmax())]))).all()
     engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())

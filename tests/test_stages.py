@@ -23,7 +23,7 @@ def test_the_export_runs_its_own_modules_and_their_imports_but_not_the_server():
 
 
 def test_the_engine_stage_covers_the_fusion_it_imports():
-    assert "engines/fusion.py" in relative(artifacts.source_closure(build.ENGINES["ort"].modules))
+    assert "export/graph/attention.py" in relative(artifacts.source_closure(build.ENGINES["ort"].modules))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,12 @@ X @ W is unchanged. Folds we know to be exact:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 
-from calibration.graph import linear_groups, linear_nodes, set_constant, weight_array, weight_axis
+from export.graph.linear import add_initializer, linear_groups, linear_nodes, set_constant, weight_array, weight_axis
 
 
 def smoothing_scales(x_absmax: np.ndarray, weights: list[np.ndarray], axes: list[int], alpha: float) -> np.ndarray:
@@ -35,9 +37,8 @@ def _scale_constant_input(node: ir.Node, index: int, factor: np.ndarray) -> None
     if len(value.uses()) == 1:
         set_constant(value, scaled)
         return
-    private = ir.Value(name=f"{node.name}.input{index}.smoothed", const_value=ir.tensor(scaled.astype(np.float32)))
-    node.graph.register_initializer(private)
-    node.replace_input_with(index, private)
+    node.replace_input_with(index, add_initializer(node.graph, f"{node.name}.input{index}.smoothed",
+                                                   scaled.astype(np.float32)))
 
 
 def fold_into_producer(x: ir.Value, inverse: np.ndarray) -> bool:
@@ -75,6 +76,11 @@ def _fold_into_linear_factor(mul: ir.Node, inverse: np.ndarray) -> bool:
     return False
 
 
+@dataclass
+class SmoothQuantResult(ir.passes.PassResult):
+    smoothed: list[str] = field(default_factory=list)  # the linear layers whose input was smoothed
+
+
 class SmoothQuantPass(ir.passes.InPlacePass):
     """Applies SmoothQuant to every linear group whose input we can fold into its producer."""
 
@@ -83,9 +89,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.channel_absmax = channel_absmax
         self.alpha = alpha
         self.skip = skip
-        self.smoothed: list[str] = []  # names of the layers whose input was smoothed
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> SmoothQuantResult:
+        smoothed = []
         for x, nodes in linear_groups(model.graph).items():
             if x.name not in self.channel_absmax or any(node.name in self.skip for node in nodes):
                 continue
@@ -98,5 +104,5 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 shape = [1, 1]
                 shape[1 - axis] = -1  # rows of the input-channel axis
                 set_constant(node.inputs[1], weight * scales.reshape(shape))
-            self.smoothed += [node.name for node in nodes]
-        return ir.passes.PassResult(model, bool(self.smoothed))
+            smoothed += [node.name for node in nodes]
+        return SmoothQuantResult(model, bool(smoothed), smoothed=smoothed)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from runtime.baselines import plain_session, prefill_feeds
+from runtime.baselines import plain_session
+from runtime.contract import prefill_feeds
 from runtime.progress import track
 
 BINS = 2048

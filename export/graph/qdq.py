@@ -4,11 +4,13 @@ inputs (never their outputs), biases left in float. The same file runs in ONNX R
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from calibration.graph import projection_nodes, projection_weight, weight_axis
+from export.graph.linear import add_initializer, projection_nodes, projection_weight, weight_axis
 
 QMAX = 127
 
@@ -35,10 +37,9 @@ def fake_quantize_activation(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -QMAX - 1, QMAX) * scale
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
+@dataclass
+class QuantizeResult(ir.passes.PassResult):
+    quantized: list[str] = field(default_factory=list)  # the linear layers now behind Q/DQ
 
 
 class QuantizeLinearLayersPass(ir.passes.InPlacePass):
@@ -52,15 +53,27 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
         self.activation_scales = activation_scales
         self.weight_only = weight_only
         self.block = block  # weights in blocks of this many input channels (blocked DequantizeLinear, opset 21)
-        self.quantized: list[str] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def _quantizes_input(self, node: ir.Node) -> bool:
+        return self.activation_scales is not None and node.name not in self.weight_only
+
+    def requires(self, model: ir.Model) -> None:
+        inputs = {node.inputs[0].name for node in projection_nodes(model.graph)
+                  if node.name not in self.keep and self._quantizes_input(node)}
+        missing = sorted(inputs - set(self.activation_scales or {}))
+        if missing:
+            raise ir.passes.PreconditionError(f"no activation scale for {', '.join(missing[:3])}: W8A8 needs one for "
+                                              "the input of every linear layer it quantizes; collect statistics on "
+                                              "this graph")
+
+    def call(self, model: ir.Model) -> QuantizeResult:
         graph = model.graph
+        quantized = []
         for node in projection_nodes(graph):  # a tied LM head too: its int8 weight becomes a constant of its own
             if node.name in self.keep:
                 continue
             new_nodes = [self._dequantized_weight(graph, node)]
-            if self.activation_scales is not None and node.name not in self.weight_only:
+            if self._quantizes_input(node):
                 # A Q/DQ pair per consumer, even where q/k/v read one tensor: ONNX Runtime fuses Q/DQ + MatMul
                 # into an integer MatMul only for a pair with a single consumer; TensorRT reads both forms alike.
                 x = node.inputs[0]
@@ -70,11 +83,11 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
                 node.replace_input_with(0, dequantize.outputs[0])
             graph.insert_before(node, new_nodes)
             node.replace_input_with(1, new_nodes[-1].outputs[0])
-            self.quantized.append(node.name)
-        if self.block and self.quantized:
+            quantized.append(node.name)
+        if self.block and quantized:
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)  # blocked DequantizeLinear
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, bool(self.quantized))
+        return QuantizeResult(model, bool(quantized), quantized=quantized)
 
     def _dequantized_weight(self, graph: ir.Graph, node: ir.Node) -> ir.Node:
         axis, weight = weight_axis(node), projection_weight(node)
@@ -85,14 +98,15 @@ class QuantizeLinearLayersPass(ir.passes.InPlacePass):
         else:
             quantized, scale = quantize_weight(weight, axis)
         base = node.name
-        inputs = [_constant(graph, f"{base}.weight_int8", quantized), _constant(graph, f"{base}.weight_scale", scale),
-                  _constant(graph, f"{base}.weight_zero_point", np.zeros(scale.shape, dtype=np.int8))]
+        inputs = [add_initializer(graph, f"{base}.weight_int8", quantized),
+                  add_initializer(graph, f"{base}.weight_scale", scale),
+                  add_initializer(graph, f"{base}.weight_zero_point", np.zeros(scale.shape, dtype=np.int8))]
         return ir.node("DequantizeLinear", inputs, attributes=attributes, name=f"{base}/weight_dq",
                        outputs=[ir.Value(name=f"{base}.weight_dequantized")])
 
     def _quantize(self, graph: ir.Graph, x: ir.Value, scale: float, consumer: str) -> ir.Node:
-        scale_value = _constant(graph, f"{consumer}.input_scale", np.array(scale, dtype=np.float32))
-        zero_point = _constant(graph, f"{consumer}.input_zero_point", np.array(0, dtype=np.int8))
+        scale_value = add_initializer(graph, f"{consumer}.input_scale", np.array(scale, dtype=np.float32))
+        zero_point = add_initializer(graph, f"{consumer}.input_zero_point", np.array(0, dtype=np.int8))
         return ir.node("QuantizeLinear", [x, scale_value, zero_point], name=f"{consumer}/input_q",
                        outputs=[ir.Value(name=f"{consumer}.input_quantized")])
 

@@ -21,13 +21,14 @@ right-padded (ones for each row's real positions); GroupQueryAttention reads eac
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from export.graph.linear import add_initializer, bias_add, bias_value
+from export.graph.naming import decoder_layers
 from runtime.errors import BadInputError
 from runtime.session import CACHE_LENGTHS
 
@@ -36,7 +37,7 @@ CONTRIB = "com.microsoft"
 # attention with grouped KV heads. Qwen3 adds per-head q/k norms, Phi-3 and GPT-2 fuse q/k/v into one
 # projection, GPT-NeoX rotates part of each head: those keep the exported attention.
 FUSABLE_FAMILIES = ("llama", "mistral", "qwen2")
-QUERY_PROJECTION = re.compile(r"^(?P<prefix>.*\.(?P<layer>\d+)\.self_attn\.)q_proj$")
+ATTENTION = "self_attn."  # the projections are `<layer prefix>self_attn.{q,k,v,o}_proj`
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -88,16 +89,21 @@ class _Layer:
         return [_projection_output(node) for node in self.projections]
 
 
+@dataclass
+class FusionResult(ir.passes.PassResult):
+    fused_layers: list[int] = field(default_factory=list)  # decoder layers whose attention is one node now
+
+
 class FuseAttentionPass(ir.passes.InPlacePass):
     def __init__(self, facts: AttentionFacts):
         super().__init__()
         self.facts = facts
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> FusionResult:
         graph = model.graph
         layers = find_attention_layers(graph)
         if not layers:
-            return ir.passes.PassResult(model, False)
+            return FusionResult(model, False)
         query = layers[0].outputs[0]
         dtype = query.type.dtype if query.type is not None else ir.DataType.FLOAT
         shared = _SharedInputs(graph, self.facts, dtype.numpy())
@@ -106,7 +112,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         model.opset_imports.setdefault(CONTRIB, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
-        return ir.passes.PassResult(model, True)
+        return FusionResult(model, True, fused_layers=[layer.index for layer in layers])
 
     def _fuse(self, graph: ir.Graph, layer: _Layer, i: int, shared: _SharedInputs) -> None:
         heads, kv_heads = self.facts.heads_of(i)
@@ -127,40 +133,30 @@ class FuseAttentionPass(ir.passes.InPlacePass):
 
 
 def find_attention_layers(graph: ir.Graph) -> list[_Layer]:
-    nodes = {node.name: node for node in graph}
+    """Every decoder layer with a q_proj, in order; one with q_proj but not k/v/o is an error."""
     layers = []
-    for name in nodes:
-        match = QUERY_PROJECTION.match(name or "")
-        if match is None:
+    for layer in decoder_layers(graph).values():
+        if ATTENTION + "q_proj" not in layer.nodes:
             continue
-        prefix = match["prefix"]
-        missing = [p for p in ("k_proj", "v_proj", "o_proj") if prefix + p not in nodes]
+        missing = [p for p in ("k_proj", "v_proj", "o_proj") if ATTENTION + p not in layer.nodes]
         if missing:
-            raise BadInputError(f"layer {prefix[:-1]} has q_proj but no {', '.join(missing)}; the graph is not a "
-                                "plain exported attention (re-export with `python -m export.build`)")
-        projections = (nodes[name], nodes[prefix + "k_proj"], nodes[prefix + "v_proj"])
-        layers.append(_Layer(int(match["layer"]), prefix, projections, _before_qdq(nodes[prefix + "o_proj"].inputs[0])))
-    return sorted(layers, key=lambda layer: layer.index)
+            raise BadInputError(f"layer {layer.prefix}{ATTENTION[:-1]} has q_proj but no {', '.join(missing)}; the "
+                                "graph is not a plain exported attention (re-export with `python -m export.build`)")
+        q, k, v, o = (layer.nodes[ATTENTION + p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        layers.append(_Layer(layer.index, layer.prefix + ATTENTION, (q, k, v), _before_qdq(o.inputs[0])))
+    return layers
 
 
 def _projection_output(node: ir.Node) -> ir.Value:
     """The projection's result including its bias (Qwen2 adds q/k/v biases in a separate Add)."""
-    out = node.outputs[0]
-    uses = out.uses()
-    if len(uses) == 1 and uses[0].node.op_type == "Add":
-        other = uses[0].node.inputs[1 - uses[0].idx]
-        if other is not None and other.is_initializer():
-            return uses[0].node.outputs[0]
-    return out
+    add = bias_add(node)
+    return node.outputs[0] if add is None else add.outputs[0]
 
 
 def _bias(node: ir.Node) -> np.ndarray | None:
-    """The constant bias added to the projection's output (Qwen2), or None."""
-    output = _projection_output(node)
-    if output is node.outputs[0]:
-        return None
-    add = output.producer()
-    return next(v.const_value.numpy() for v in add.inputs if v is not None and v.is_initializer())
+    """The constant bias of a MatMul projection (Qwen2), or None."""
+    value = bias_value(node)
+    return None if value is None else value.const_value.numpy()
 
 
 @dataclass(frozen=True)
@@ -205,9 +201,11 @@ def _pack_projections(graph: ir.Graph, layer: _Layer) -> ir.Value | None:
     """One MatMul for q, k and v, weights (and biases) concatenated along the output axis: two fewer ops
     per layer, and GroupQueryAttention reads the packed result. None where the three cannot share one."""
     nodes = layer.projections
+    if any(node.op_type != "MatMul" for node in nodes):
+        return None
     weights = [_weight(node) for node in nodes]
     biases = [_bias(node) for node in nodes]
-    if (any(node.op_type != "MatMul" for node in nodes) or None in weights
+    if (None in weights
             or len({_activation_key(node.inputs[0]) for node in nodes}) != 1
             or not all(weights[0].packs_with(w) for w in weights[1:])
             or len({b is None for b in biases}) != 1):
@@ -229,14 +227,6 @@ def _pack_projections(graph: ir.Graph, layer: _Layer) -> ir.Value | None:
                   name=f"{name}/bias")
     graph.insert_before(nodes[0], add)
     return add.outputs[0]
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A constant of the graph, with its declared shape and type."""
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    graph.register_initializer(value)
-    return value
 
 
 def _before_qdq(value: ir.Value) -> ir.Value:

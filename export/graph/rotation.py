@@ -9,11 +9,20 @@ A tied LM head is untied first (it reads the embedding table through a Transpose
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from calibration.graph import linear_groups, linear_nodes, set_constant, untie_projections, weight_array
+from export.graph.linear import (
+    add_initializer,
+    linear_groups,
+    linear_nodes,
+    set_constant,
+    untie_projections,
+    weight_array,
+)
 
 READS_RESIDUAL_NORM = "Mul"
 
@@ -42,22 +51,27 @@ def _norm_weight_input(x: ir.Value) -> tuple[ir.Node, int] | None:
     return (producer, constants[0]) if len(constants) == 1 else None
 
 
+@dataclass
+class RotationResult(ir.passes.PassResult):
+    rotated: list[str] = field(default_factory=list)  # the linear layers whose weights the rotation changed
+
+
 class RotateResidualPass(ir.passes.InPlacePass):
     """Folds RMSNorm weights into their readers and rotates the residual stream by a random orthogonal Q."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
         self.seed = seed
-        self.rotated: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
         if any(node.op_type == "LayerNormalization" for node in model.graph):
             raise ir.passes.PreconditionError("rotation needs RMSNorm (LayerNorm subtracts the mean, which a "
                                               "rotation does not preserve); use SmoothQuant for this model")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
         graph = model.graph
         embedding = _embedding(graph)
+        rotated = []
         untie_projections(graph)
         table = embedding.inputs[0].const_value.numpy()
         q = random_orthogonal(table.shape[1], self.seed)
@@ -67,18 +81,14 @@ class RotateResidualPass(ir.passes.InPlacePass):
             gamma = norm.inputs[index].const_value.numpy().astype(np.float32)
             for node in nodes:
                 set_constant(node.inputs[1], q.T @ (gamma[:, None] * weight_array(node)))
-            ones = ir.Value(name=f"{norm.name}.unit_weight", const_value=ir.tensor(np.ones_like(gamma)))
-            graph.register_initializer(ones)
-            norm.replace_input_with(index, ones)
-            self.rotated += [node.name for node in nodes]
+            norm.replace_input_with(index, add_initializer(graph, f"{norm.name}.unit_weight", np.ones_like(gamma)))
+            rotated += [node.name for node in nodes]
         for node in writers:
             set_constant(node.inputs[1], weight_array(node) @ q)
-            self.rotated.append(node.name)
-        rotated_table = ir.Value(name="embedding.rotated", const_value=ir.tensor(table @ q))
-        graph.register_initializer(rotated_table)
-        embedding.replace_input_with(0, rotated_table)
+            rotated.append(node.name)
+        embedding.replace_input_with(0, add_initializer(graph, "embedding.rotated", table @ q))
         ir.passes.common.RemoveUnusedNodesPass()(model)  # the old table, norm weights and the head's Transpose
-        return ir.passes.PassResult(model, True)
+        return RotationResult(model, True, rotated=rotated)
 
     def _classify(self, graph: ir.Graph, hidden: int):
         """Readers of the residual (grouped by their normed input) and writers into it, or a plain-words
@@ -118,11 +128,8 @@ class RotateDownProjInputPass(ir.passes.InPlacePass):
 
     SUFFIX = "mlp.down_proj"
 
-    def __init__(self):
-        super().__init__()
-        self.rotated: list[str] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
+        rotated = []
         for node in linear_nodes(model.graph):
             if not node.name.endswith(self.SUFFIX) or node.op_type != "MatMul":
                 continue
@@ -134,5 +141,5 @@ class RotateDownProjInputPass(ir.passes.InPlacePass):
             node.prepend([constant, rotate])
             node.replace_input_with(0, rotate.outputs[0])
             set_constant(node.inputs[1], h.T @ weight)
-            self.rotated.append(node.name)
-        return ir.passes.PassResult(model, bool(self.rotated))
+            rotated.append(node.name)
+        return RotationResult(model, bool(rotated), rotated=rotated)

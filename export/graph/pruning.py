@@ -8,23 +8,16 @@ is decided elsewhere (the plan, export/prune.py); a pass only applies a `PrunePl
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from calibration.graph import linear_nodes, set_constant, weight_axis
-from export.passes.naming import NAME_SCOPES
+from export.graph.linear import add_initializer, bias_value, linear_nodes, set_constant, weight_axis
+from export.graph.naming import MLP_PATTERNS, NAME_SCOPES, decoder_layers
+from runtime.contract import PAST, PRESENT, cache_layer
 
-LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.(?P<index>\d+)\.)(?P<rest>.+)$")
-# (MLP kind, the layers that read the block input and write the MLP width, the layer that reads it back).
-MLP_PATTERNS = (
-    ("gated", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),   # Llama, Mistral, Qwen2/3, Gemma 3
-    ("plain", ("mlp.c_fc",), "mlp.c_proj"),                         # GPT-2
-    ("plain", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),          # GPT-NeoX
-)
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 # The projection that writes attention back into the residual stream, by family (Llama-style, GPT-2, NeoX).
 ATTENTION_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "attention.dense")
@@ -76,26 +69,21 @@ class Block:
 
 
 def find_blocks(graph: ir.Graph) -> dict[int, Block]:
-    """The graph's decoder layers by index; raises PruningError when a layer's MLP is not a known pattern."""
-    by_name = {node.name: node for node in linear_nodes(graph)}
-    blocks: dict[int, Block] = {}
-    for name, node in by_name.items():
-        match = LAYER_NAME.match(name or "")
-        if match is None:
-            continue
-        block = blocks.setdefault(int(match["index"]), Block(int(match["index"]), match["prefix"]))
-        block.nodes.append(node)
-        if match["rest"] in ATTENTION:
-            block.attention[match["rest"].split(".")[-1]] = node
-        if match["rest"] in ATTENTION_OUTPUT:
-            block.attention_out = node
-    for block in blocks.values():
+    """The graph's decoder layers by index, from their linear layers' names."""
+    blocks = {}
+    for index, layer in decoder_layers(linear_nodes(graph)).items():
+        block = blocks[index] = Block(index, layer.prefix, nodes=list(layer.nodes.values()))
+        for rest, node in layer.nodes.items():
+            if rest in ATTENTION:
+                block.attention[rest.split(".")[-1]] = node
+            if rest in ATTENTION_OUTPUT:
+                block.attention_out = node
         for kind, readers, writer in MLP_PATTERNS:
-            if block.prefix + writer in by_name and all(block.prefix + r in by_name for r in readers):
+            if writer in layer.nodes and all(r in layer.nodes for r in readers):
                 block.mlp_kind = kind
-                block.mlp_in = [by_name[block.prefix + r] for r in readers]
-                block.mlp_out = by_name[block.prefix + writer]
-    return dict(sorted(blocks.items()))
+                block.mlp_in = [layer.nodes[r] for r in readers]
+                block.mlp_out = layer.nodes[writer]
+    return blocks
 
 
 def group_channels(groups, width: int) -> np.ndarray:
@@ -115,21 +103,9 @@ def _take(node: ir.Node, keep: np.ndarray, output_side: bool) -> None:
     set_constant(node.inputs[1], np.take(weight, keep, axis=out_axis if output_side else 1 - out_axis))
     if not output_side:
         return
-    bias = _bias_value(node)
+    bias = bias_value(node)
     if bias is not None:
         set_constant(bias, np.take(bias.const_value.numpy(), keep, axis=-1))
-
-
-def _bias_value(node: ir.Node) -> ir.Value | None:
-    """A Gemm's C input, or the constant of the Add right after a MatMul (Qwen2 q/k/v, GPT-2 via addmm)."""
-    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        return node.inputs[2]
-    uses = node.outputs[0].uses()
-    if len(uses) == 1 and uses[0].node.op_type == "Add":
-        other = uses[0].node.inputs[1 - uses[0].idx]
-        if other is not None and other.is_initializer():
-            return other
-    return None
 
 
 def _clear_inner_shapes(graph: ir.Graph, keep: set[ir.Value]) -> None:
@@ -212,8 +188,7 @@ class PruneAttentionHeadsPass(ir.passes.InPlacePass):
     @staticmethod
     def _resize_cache_io(graph: ir.Graph, position: int, kv_kept: int) -> None:
         for value in [*graph.inputs, *graph.outputs]:
-            if value.name in {f"past_key_values.{position}.key", f"past_key_values.{position}.value",
-                              f"present.{position}.key", f"present.{position}.value"} and value.shape is not None:
+            if cache_layer(value.name) == position and value.shape is not None:
                 dims = list(value.shape.dims)
                 dims[1] = kv_kept
                 value.shape = ir.Shape(dims)
@@ -269,9 +244,7 @@ def _int_constant(graph: ir.Graph, number: int) -> ir.Value:
 def _shape_constant(graph: ir.Graph, dims: np.ndarray) -> ir.Value:
     name = "pruning.int64_" + "_".join(str(int(d)).replace("-", "m") for d in dims)
     if name not in graph.initializers:
-        value = ir.Value(name=name, const_value=ir.tensor(np.asarray(dims, np.int64), name=name))
-        value.shape, value.type = ir.Shape([len(dims)]), ir.TensorType(ir.DataType.INT64)
-        graph.register_initializer(value)
+        add_initializer(graph, name, np.asarray(dims, np.int64))
     return graph.initializers[name]
 
 
@@ -297,22 +270,17 @@ class DropLayersPass(ir.passes.InPlacePass):
             residual_in, residual_out = _residual_span(blocks[index])
             ir.convenience.replace_all_uses_with(residual_out, residual_in)
             position = positions.index(index)
-            for value in [v for v in graph.outputs if v.name.startswith(f"present.{position}.")]:
+            for value in [v for v in graph.outputs if cache_layer(v.name) == position]:
                 graph.outputs.remove(value)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         gone = {positions.index(i) for i in dropped}
         survivor = next(p for p in range(len(positions)) if p not in gone)
         by_name = {v.name: v for v in graph.inputs}
-        for value in [v for v in graph.inputs if _cache_position(v.name) in gone]:
-            _move_shape_reads(value, by_name[value.name.replace(f".{_cache_position(value.name)}.", f".{survivor}.")])
+        for value in [v for v in graph.inputs if cache_layer(v.name) in gone]:
+            _move_shape_reads(value, by_name[value.name.replace(f".{cache_layer(value.name)}.", f".{survivor}.")])
             graph.inputs.remove(value)
         _renumber_cache_io(graph)
         return ir.passes.PassResult(model, True)
-
-
-def _cache_position(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] in ("past_key_values", "present") and len(parts) == 3 else None
 
 
 def _move_shape_reads(dropped: ir.Value, survivor: ir.Value) -> None:
@@ -375,12 +343,11 @@ def _first_residual_add(start: ir.Value, cone: set[ir.Value]) -> ir.Node:
 
 
 def _renumber_cache_io(graph: ir.Graph) -> None:
-    for prefix, values in (("past_key_values", graph.inputs), ("present", graph.outputs)):
-        cache = [v for v in values if v.name.startswith(prefix + ".")]
-        layers = sorted({int(v.name.split(".")[1]) for v in cache})
-        mapping = {old: new for new, old in enumerate(layers)}
+    for prefix, values in ((PAST, graph.inputs), (PRESENT, graph.outputs)):
+        cache = {value: cache_layer(value.name) for value in values if value.name.startswith(prefix + ".")}
+        mapping = {old: new for new, old in enumerate(sorted(set(cache.values())))}
         for value in cache:  # two steps, so a new name never collides with an old one still in use
             value.name = f"{value.name}.renumbering"
-        for value in cache:
-            _, old, kind, _ = value.name.split(".")
-            value.name = f"{prefix}.{mapping[int(old)]}.{kind}"
+        for value, old in cache.items():
+            kind = value.name.split(".")[2]
+            value.name = f"{prefix}.{mapping[old]}.{kind}"

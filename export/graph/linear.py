@@ -1,4 +1,5 @@
-"""Finding the linear layers of an exported graph (onnx-ir), shared by calibration and the export passes."""
+"""The linear layers of an exported graph (onnx-ir): finding them, their weights and biases, and the one way
+the passes add a constant to a graph."""
 
 from __future__ import annotations
 
@@ -45,6 +46,33 @@ def projection_weight(node: ir.Node) -> np.ndarray:
     return np.transpose(transpose.inputs[0].const_value.numpy(), perm)
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A constant of the graph, with its declared shape and type (what shape inference and a graph input of
+    that name need)."""
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def bias_add(node: ir.Node) -> ir.Node | None:
+    """The Add right after a MatMul that adds a constant (Qwen2's q/k/v, GPT-2's addmm): the layer's bias."""
+    uses = node.outputs[0].uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        if other is not None and other.is_initializer():
+            return uses[0].node
+    return None
+
+
+def bias_value(node: ir.Node) -> ir.Value | None:
+    """The layer's bias: a Gemm's C input, or the constant of the Add right after a MatMul."""
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return node.inputs[2]
+    add = bias_add(node)
+    return None if add is None else next(v for v in add.inputs if v is not None and v.is_initializer())
+
+
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
     value.shape = ir.Shape(array.shape)  # a stale declared shape would contradict shape inference
@@ -65,6 +93,5 @@ def untie_projections(graph: ir.Graph) -> None:
         weight = node.inputs[1]
         if weight.is_initializer():
             continue
-        own = ir.Value(name=f"{node.name}.weight", const_value=ir.tensor(np.ascontiguousarray(projection_weight(node))))
-        graph.register_initializer(own)
+        own = add_initializer(graph, f"{node.name}.weight", np.ascontiguousarray(projection_weight(node)))
         node.replace_input_with(1, own)

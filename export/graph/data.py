@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifact import Artifact
 from runtime.errors import BadInputError
+from runtime.text import load_codec
 
 # Modules whose documentation forms the default text: prose-heavy, stable, present in every CPython.
 DEFAULT_MODULES = (
@@ -205,3 +207,14 @@ def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(len(calibration), size=config.samples, replace=False))
     return SampleSet(calibration[chosen], evaluation[: config.eval_samples], source)
+
+
+def verification_windows(export: Artifact, data: DataConfig) -> np.ndarray:
+    """The calibration data's held-out windows (the same the calibration gate used), or seeded random token
+    windows for a model exported without a tokenizer."""
+    facts = export.model_facts
+    data = within_context(data, facts)
+    if facts.get("tokenizer"):
+        return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
+    rng = np.random.default_rng(data.seed)
+    return rng.integers(0, facts["vocab_size"], size=(data.eval_samples, min(data.seq_len, 64)), dtype=np.int64)
