@@ -77,8 +77,6 @@ class OrtSession:
         self._api = api = load_api(options.library)
         self._session = self._binding = self._memory = self._cache_memory = None
         self._logits_to_keep_values: dict[bool, int] = {}
-        self._cache: list[np.ndarray] = []
-        self._cache_values: list[int] = []
         self._allocator = api.out("GetAllocatorWithDefaultOptions")  # owned by ONNX Runtime: never freed
         with huge_pages_for_new_memory(options.huge_pages and options.provider == "cpu"):  # the weights
             self._session = self._create_session(artifact.file(MODEL_FILE), options)
@@ -114,12 +112,10 @@ class OrtSession:
         self._owned: list[int] = []  # other OrtValues of the last run, released after the next
         self._arrays: list[np.ndarray] = []  # numpy memory those OrtValues view
         self._state: CacheState | None = None
-        # GroupQueryAttention engines on the CPU keep the cache in buffers of their own (one per layer and
-        # kind, [batch, kv_heads, capacity, head_dim]) bound as both past and present: the kernel writes the
-        # new positions in place, instead of copying the whole cache into a fresh present tensor every step.
         self._cache_heads = cache_kv_heads(self.facts)
-        self._shares_cache = bool(options.provider == "cpu" and self._past_names
-                                  and artifact.metrics.get("fusion", {}).get("attention") == "fused")
+        shares = bool(options.provider == "cpu" and self._past_names
+                      and artifact.metrics.get("fusion", {}).get("attention") == "fused")
+        self._kv: SharedCache | CopiedCache = SharedCache(self) if shares else CopiedCache(self)
         # Slots (continuous batching): a fixed cache of `slots` rows, each row its own sequence at its own
         # length, run through the engine's `cache_lengths` input; one IoBinding per row range, made on first use.
         self._has_cache_lengths = CACHE_LENGTHS in overridable
@@ -162,12 +158,8 @@ class OrtSession:
         ids, mask = check_prompt(input_ids, attention_mask, self.facts)
         self._release_outputs()
         self._state, positions = prefill_state(mask)
-        if self._shares_cache:
-            self._reserve_cache(ids.shape[0], ids.shape[1], keep=0)
-            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=last_only)
-        empty = np.zeros(1, self._kv_dtype)  # a valid address for tensors with no elements
-        past = [self._wrap(empty, (ids.shape[0], h, 0, self.facts["head_dim"])) for h in self._cache_heads]
-        return self._run(ids, mask, positions, past, owned=past, arrays=[empty], last_only=last_only)
+        past, owned, arrays = self._kv.for_prefill(ids.shape[0], ids.shape[1])
+        return self._run(ids, mask, positions, past, owned=owned, arrays=arrays, last_only=last_only)
 
     def decode(self, tokens) -> np.ndarray:
         self._check_open()
@@ -175,10 +167,8 @@ class OrtSession:
             raise BadInputError("decode called before prefill; call prefill(prompt) first")
         length = self._state.length
         ids, mask, positions = decode_step(self._state, tokens, self.facts)
-        if self._shares_cache:
-            self._reserve_cache(ids.shape[0], length + 1, keep=length)
-            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=True)
-        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=True)
+        past = self._kv.for_step(ids.shape[0], length, ids.shape[1])
+        return self._run(ids, mask, positions, past, owned=[], arrays=[], last_only=True)
 
     def extend(self, tokens) -> np.ndarray:
         """Append n tokens per row ([batch, n], or [n] for one row) after the cache in one call and return the
@@ -189,17 +179,15 @@ class OrtSession:
             raise BadInputError("extend called before prefill; call prefill(prompt) first")
         length = self._state.length
         ids, mask, positions = extend_step(self._state, tokens, self.facts)
-        if self._shares_cache:
-            self._reserve_cache(ids.shape[0], length + ids.shape[1], keep=length)
-            return self._run(ids, mask, positions, [], owned=[], arrays=[], last_only=False)
-        return self._run(ids, mask, positions, self._outputs[1:], owned=[], arrays=[], last_only=False)
+        past = self._kv.for_step(ids.shape[0], length, ids.shape[1])
+        return self._run(ids, mask, positions, past, owned=[], arrays=[], last_only=False)
 
     @property
     def supports_rollback(self) -> bool:
         """Whether `rollback` is free: the shared cache buffers, which GroupQueryAttention reads only up to the
         attention mask's length, so a shorter mask is all a rollback needs. An unfused graph's present tensors
         are fresh copies of the whole cache each step, so cutting them back would copy it again."""
-        return self._shares_cache
+        return isinstance(self._kv, SharedCache)
 
     def rollback(self, length: int) -> None:
         """Keep only the first `length` cached positions (speculative decoding drops its rejected drafts)."""
@@ -220,7 +208,7 @@ class OrtSession:
         if self._closed:
             return
         self._release_outputs()
-        self._release_cache()
+        self._kv.release()
         self._release_slots()
         api = self._api
         for value in self._logits_to_keep_values.values():
@@ -251,33 +239,12 @@ class OrtSession:
     def cache_length(self) -> int:
         return 0 if self._state is None else self._state.length
 
-    def _reserve_cache(self, batch: int, needed: int, keep: int) -> None:
-        """Cache buffers of at least `needed` positions for `batch` rows, bound as past and present; growing
-        doubles the capacity and copies the first `keep` positions."""
-        if self._cache and self._cache[0].shape[0] == batch and self._cache[0].shape[2] >= needed:
-            return
-        limit = self.facts.get("max_context") or 2 * needed
-        capacity = min(limit, max(CACHE_MIN_POSITIONS, 2 * needed))
-        cache = [np.zeros((batch, h, capacity, self.facts["head_dim"]), self._kv_dtype) for h in self._cache_heads]
-        for old, new in zip(self._cache, cache) if keep else ():  # a prefill keeps nothing (and may change batch)
-            new[:, :, :keep] = old[:, :, :keep]
-        self._release_cache()
-        self._cache, self._cache_values = cache, [self._wrap(buffer) for buffer in cache]
-        for past, value in zip(self._past_names, self._cache_values):
-            self._api.BindInput(self._binding, past, value)
-            self._api.BindOutput(self._binding, past.replace(b"past_key_values.", b"present."), value)
-
-    def _release_cache(self) -> None:
-        for value in self._cache_values:
-            self._api.ReleaseValue(value)
-        self._cache, self._cache_values = [], []
-
     # -- slots: rows of one fixed cache, each at its own length ------------------------------------------------
 
     @property
     def supports_slots(self) -> bool:
         """Whether this engine runs rows of different lengths in one step (fused attention on the CPU)."""
-        return self._shares_cache and self._has_cache_lengths
+        return isinstance(self._kv, SharedCache) and self._has_cache_lengths
 
     def open_slots(self, slots: int, capacity: int) -> int:
         """Allocate the slot cache once: `slots` rows of `capacity` positions per cache tensor; returns its bytes.
@@ -365,10 +332,8 @@ class OrtSession:
         last_only = last_only and bool(self._logits_to_keep)
         if self._logits_to_keep:
             bind_input(binding, _LOGITS_TO_KEEP, self._logits_to_keep_values[last_only])
-        # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors
-        # bound as this step's past are never reused as this step's output buffers.
-        bind_output = api.BindOutputToDevice
-        for name, memory in self._output_bindings[:1] if self._shares_cache else self._output_bindings:
+        bind_output = api.BindOutputToDevice  # rebinding makes ONNX Runtime allocate the output afresh
+        for name, memory in self._kv.rebound_outputs:
             bind_output(binding, name, memory)
         api.RunWithBinding(self._session, None, binding)
 
@@ -415,3 +380,71 @@ class OrtSession:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionClosedError("this session is closed; open a new one with runtime.open(artifact)")
+
+
+class SharedCache:
+    """GroupQueryAttention engines on the CPU: one buffer per cache tensor ([batch, kv_heads, capacity, head_dim])
+    bound as both past and present, so the kernel writes new positions in place instead of copying the whole
+    cache into a fresh present tensor every step. Attention reads only as far as the mask, so a shorter mask is a
+    free rollback."""
+
+    def __init__(self, session: OrtSession):
+        self.session = session
+        self.buffers: list[np.ndarray] = []
+        self.values: list[int] = []
+        self.rebound_outputs = session._output_bindings[:1]  # logits only; the cache outputs stay on the buffers
+
+    def for_prefill(self, batch: int, new: int) -> tuple[list[int], list[int], list]:
+        """(past to bind, OrtValues the step owns, arrays they view): nothing, the buffers are bound already."""
+        self.reserve(batch, new, keep=0)
+        return [], [], []
+
+    def for_step(self, batch: int, cached: int, new: int) -> list[int]:
+        self.reserve(batch, cached + new, keep=cached)
+        return []
+
+    def reserve(self, batch: int, needed: int, keep: int) -> None:
+        """Buffers of at least `needed` positions for `batch` rows, bound as past and present; growing doubles
+        the capacity and copies the first `keep` positions."""
+        if self.buffers and self.buffers[0].shape[0] == batch and self.buffers[0].shape[2] >= needed:
+            return
+        session = self.session
+        limit = session.facts.get("max_context") or 2 * needed
+        capacity = min(limit, max(CACHE_MIN_POSITIONS, 2 * needed))
+        head_dim = session.facts["head_dim"]
+        buffers = [np.zeros((batch, h, capacity, head_dim), session._kv_dtype) for h in session._cache_heads]
+        for old, new in zip(self.buffers, buffers) if keep else ():  # a prefill keeps nothing (and may change batch)
+            new[:, :, :keep] = old[:, :, :keep]
+        self.release()
+        self.buffers, self.values = buffers, [session._wrap(buffer) for buffer in buffers]
+        for past, value in zip(session._past_names, self.values):
+            session._api.BindInput(session._binding, past, value)
+            session._api.BindOutput(session._binding, past.replace(b"past_key_values.", b"present."), value)
+
+    def release(self) -> None:
+        for value in self.values:
+            self.session._api.ReleaseValue(value)
+        self.buffers, self.values = [], []
+
+
+class CopiedCache:
+    """Every other engine (unfused attention, or a GPU): each step's present tensors, which ONNX Runtime
+    allocates, are the next step's past."""
+
+    def __init__(self, session: OrtSession):
+        self.session = session
+        # Rebinding each output to its device makes ONNX Runtime allocate it afresh, so the present tensors bound
+        # as this step's past are never reused as this step's output buffers.
+        self.rebound_outputs = session._output_bindings
+
+    def for_prefill(self, batch: int, new: int) -> tuple[list[int], list[int], list]:
+        session = self.session
+        empty = np.zeros(1, session._kv_dtype)  # a valid address for tensors with no elements
+        past = [session._wrap(empty, (batch, h, 0, session.facts["head_dim"])) for h in session._cache_heads]
+        return past, past, [empty]
+
+    def for_step(self, batch: int, cached: int, new: int) -> list[int]:
+        return self.session._outputs[1:]
+
+    def release(self) -> None:
+        pass  # the present tensors are the last step's outputs, released with them
