@@ -23,13 +23,13 @@ import httpx
 import pytest
 from conftest import RunningServer, run_cli
 
+import runtime
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BAD_INPUT, LmforgeError
 from runtime.generate import GenerationConfig
 from runtime.serve import API_KEY_ENV, Access, ApiKey
 from runtime.service import Service, ServiceConfig
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 
 KEY = "sk-catalogue-key"
 PROMPT = "the quick brown fox"
@@ -229,7 +229,7 @@ def longer_than_context(place: Place) -> list[int]:
 
 
 def prefill_outside_vocabulary(place: Place):
-    with open_session(place.engine, SessionOptions(threads=1)) as session:
+    with runtime.open(place.engine, SessionOptions(threads=1)) as session:
         session.prefill([[5, 6, 10**6]])
 
 
@@ -312,12 +312,12 @@ CASES = [
     # the runtime API: artifacts, sessions, generation configs, the service
     Case("artifact.load: a file the manifest names is gone", api(lambda p: artifacts.load(missing_tokenizer(p))),
          BAD, ("is missing tokenizer.json", "rebuild")),
-    Case("session.open: a folder that does not exist", api(lambda p: open_session(p.scratch / "none")), BAD,
+    Case("runtime.open: a folder that does not exist", api(lambda p: runtime.open(p.scratch / "none")), BAD,
          ("does not exist",)),
-    Case("session.open: a backend this runtime lacks", api(lambda p: open_session(unknown_backend(p))), BAD,
+    Case("runtime.open: a backend this runtime lacks", api(lambda p: runtime.open(unknown_backend(p))), BAD,
          ("backend 'magic'", "--backend ort")),
-    Case("session.open: an unknown provider",
-         api(lambda p: open_session(p.engine, SessionOptions(provider="tpu"))), BAD,
+    Case("runtime.open: an unknown provider",
+         api(lambda p: runtime.open(p.engine, SessionOptions(provider="tpu"))), BAD,
          ("unknown execution provider 'tpu'",)),
     Case("session.prefill: a token outside the vocabulary", api(prefill_outside_vocabulary), BAD,
          ("token id 1000000 is outside the vocabulary", "tokenizer")),
@@ -376,7 +376,7 @@ CASES = [
          ("'../../../../etc/hostname'", "a path through '..'", "rebuild it")),
     Case("artifact: an absolute manifest entry", api(lambda p: artifacts.load(naming("/etc/hostname")(p))), BAD,
          ("'/etc/hostname'", "an absolute path")),
-    Case("artifact: a symlink leading out", api(lambda p: open_session(symlink_out(p))), BAD,
+    Case("artifact: a symlink leading out", api(lambda p: runtime.open(symlink_out(p))), BAD,
          ("'notes.txt'", "a symlink leading out of the folder")),
     # real processes: the exit status a shell sees
     Case("process: serve without its artifact", subprocess_cli(SERVE, scratch("no-engine")), BAD,
@@ -395,7 +395,7 @@ def keyed_server(chat_export):
 
 @pytest.fixture(scope="module")
 def service(chat_export):
-    running = Service(open_session(chat_export, SessionOptions(threads=1)),
+    running = Service(runtime.open(chat_export, SessionOptions(threads=1)),
                       ServiceConfig(max_batch=2, max_context=64, prefix_cache_mb=0))
     yield running
     running.close(timeout=5)

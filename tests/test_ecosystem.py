@@ -17,11 +17,11 @@ GREEDY_TOKENS = 16
 
 
 def lmforge_greedy(art: artifacts.Artifact, prompt: list[int], steps: int) -> list[int]:
+    import runtime
     from runtime.generate import GenerationConfig, generate
     from runtime.session import SessionOptions
-    from runtime.session import open as open_session
 
-    with open_session(art, SessionOptions(threads=1)) as session:
+    with runtime.open(art, SessionOptions(threads=1)) as session:
         result = generate(session, [prompt], GenerationConfig(max_new_tokens=steps, stop_token_ids=()))
     return result.tokens[0]
 

@@ -10,11 +10,11 @@ import numpy as np
 import openai
 import pytest
 
+import runtime
 from runtime.generate import GenerationConfig, generate
 from runtime.openai_api import StopText, TokenText, text_after
 from runtime.service import Token, log_softmax
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.text import load_codec
 
 PROMPT = "the quick brown fox"
@@ -32,7 +32,7 @@ class Model:
     """The runtime on its own: what the server's answers must equal."""
 
     def __init__(self, artifact):
-        self.session = open_session(artifact, SessionOptions(threads=1))
+        self.session = runtime.open(artifact, SessionOptions(threads=1))
         self.codec = load_codec(artifact)
 
     def logprobs(self, ids: list[int]) -> np.ndarray:

@@ -11,13 +11,13 @@ import torch
 from conftest import run_cli
 from tiny_models import TINY_CONFIGS
 
+import runtime
 from export.models import load_model, resolve
 from runtime import ort_capi
 from runtime.baselines import plain_greedy, plain_session
 from runtime.errors import ArtifactError, BadInputError
 from runtime.generate import GenerationConfig, generate
 from runtime.session import SessionClosedError, SessionOptions
-from runtime.session import open as open_session
 
 PROMPT = [5, 9, 13, 17, 21, 25, 29]
 GREEDY_64 = GenerationConfig(max_new_tokens=64, stop_token_ids=())
@@ -40,14 +40,14 @@ def llama(export_factory):
 
 @pytest.fixture
 def session(llama):
-    with open_session(llama, SessionOptions(threads=2)) as s:
+    with runtime.open(llama, SessionOptions(threads=2)) as s:
         yield s
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_greedy_equals_transformers_generate_for_64_tokens(arch, export_factory, tiny_model_factory):
     art = export_factory(arch)
-    with open_session(art) as session:
+    with runtime.open(art) as session:
         ours = generate(session, PROMPT, GREEDY_64).tokens[0]
     assert ours == transformers_greedy(tiny_model_factory(arch), PROMPT, 64)
 
@@ -142,7 +142,7 @@ def test_bad_tokens_prompts_and_lengths_are_clear_errors(session):
 
 
 def test_a_closed_session_refuses_work(llama):
-    session = open_session(llama)
+    session = runtime.open(llama)
     session.close()
     session.close()  # closing twice is harmless
     with pytest.raises(SessionClosedError, match="session is closed"):
@@ -155,9 +155,9 @@ def test_tampered_artifact_names_the_file(llama, tmp_path):
         f.seek(100)
         f.write(b"\x00\x01")
     with pytest.raises(ArtifactError, match="model.onnx does not match its sha256"):
-        open_session(copy)
+        runtime.open(copy)
     with pytest.raises(ArtifactError, match="does not exist"):
-        open_session(tmp_path / "missing")
+        runtime.open(tmp_path / "missing")
 
 
 def test_a_library_that_is_not_onnxruntime_or_too_old(monkeypatch):
@@ -173,13 +173,13 @@ def test_a_library_that_is_not_onnxruntime_or_too_old(monkeypatch):
 
 def test_execution_provider_comes_from_the_session_options(llama):
     with pytest.raises(BadInputError, match="unknown execution provider 'tpu'"):
-        open_session(llama, SessionOptions(provider="tpu"))
+        runtime.open(llama, SessionOptions(provider="tpu"))
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA; the GPU tests cover it")
     with pytest.raises(ort_capi.OrtError, match="(?i)cuda"):
-        open_session(llama, SessionOptions(provider="cuda"))
+        runtime.open(llama, SessionOptions(provider="cuda"))
 
 
 def test_ort_status_becomes_an_exception_with_the_message(llama):
@@ -254,8 +254,8 @@ def test_bench_measures_onnxruntime_genai_on_the_same_weights(llama, tmp_path):
 
 def test_runtime_needs_only_its_light_dependencies(llama):
     """A service process that embeds runtime/ never loads torch, transformers or the export stages."""
-    code = ("import sys\nimport runtime.session, runtime.generate\n"
-            f"s = runtime.session.open({str(llama.path)!r})\n"
+    code = ("import sys\nimport runtime, runtime.generate\n"
+            f"s = runtime.open({str(llama.path)!r})\n"
             "print(runtime.generate.generate(s, [1, 2, 3]).tokens)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'export', 'onnx') if m in sys.modules))")
     import subprocess
@@ -333,6 +333,6 @@ def test_session_loads_its_weights_under_the_huge_page_block_unless_told_not_to(
     seen = []
     monkeypatch.setattr(ort_session, "huge_pages_for_new_memory",
                         lambda enabled: seen.append(enabled) or contextlib.nullcontext())
-    with open_session(llama, SessionOptions(threads=1, huge_pages=huge_pages)) as session:
+    with runtime.open(llama, SessionOptions(threads=1, huge_pages=huge_pages)) as session:
         assert session.prefill(np.array([PROMPT])).shape[-1] == 128
     assert seen == [huge_pages]

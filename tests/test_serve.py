@@ -11,12 +11,12 @@ import httpx
 import pytest
 from conftest import RunningServer
 
+import runtime
 from runtime.generate import GenerationConfig, generate
 from runtime.serve import API_KEY_ENV, Access, ApiKey, api_key_from
 from runtime.serve import main as serve_main
 from runtime.service import ServiceConfig
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.text import load_codec
 
 PROMPT = "the quick brown fox"
@@ -24,7 +24,7 @@ PROMPT = "the quick brown fox"
 
 def expected_text(artifact, prompt_text, max_tokens):
     codec = load_codec(artifact)
-    session = open_session(artifact, SessionOptions(threads=1))
+    session = runtime.open(artifact, SessionOptions(threads=1))
     stop = tuple(artifact.model_facts["eos_token_ids"])
     prompt = codec.encode(prompt_text)
     result = generate(session, prompt, GenerationConfig(max_new_tokens=max_tokens, stop_token_ids=stop))

@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
+import runtime
 from runtime.errors import BadInputError
 from runtime.generate import GenerationConfig, generate
 from runtime.prefix_cache import BLOCK, PrefixCache
 from runtime.service import QueueFullError, Service, ServiceConfig, log_softmax
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 
 GREEDY = GenerationConfig(max_new_tokens=12, stop_token_ids=())
 SMALL = ServiceConfig(max_batch=4, max_context=128, prefill_chunk=16, prefix_cache_mb=1)
@@ -30,7 +30,7 @@ def engine(tiny_model_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(engine):
-    session = open_session(engine, SessionOptions(threads=1))
+    session = runtime.open(engine, SessionOptions(threads=1))
     yield session
     session.close()
 
@@ -51,7 +51,7 @@ def tokens_of(job) -> list[int]:
 
 
 def make_service(engine, config=SMALL) -> Service:
-    return Service(open_session(engine, SessionOptions(threads=1)), config)
+    return Service(runtime.open(engine, SessionOptions(threads=1)), config)
 
 
 def test_continuously_batched_requests_equal_each_run_alone(engine, reference):
@@ -107,7 +107,7 @@ def test_a_slot_freed_by_cancellation_mid_prefill_is_reused_correctly(engine, re
 @pytest.fixture
 def session(engine):
     """A session with three slots of 128 positions."""
-    with open_session(engine, SessionOptions(threads=1)) as session:
+    with runtime.open(engine, SessionOptions(threads=1)) as session:
         session.open_slots(3, 128)
         yield session
 

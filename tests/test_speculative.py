@@ -11,11 +11,11 @@ import pytest
 from conftest import run_cli
 from scipy.stats import chi2_contingency, chisquare
 
+import runtime
 from runtime.errors import BadInputError
 from runtime.generate import GenerationConfig, generate
 from runtime.report import LatencyReport, engine_traffic
 from runtime.session import SessionOptions
-from runtime.session import open as open_session
 from runtime.speculative import (
     DraftProposer,
     Governor,
@@ -48,7 +48,7 @@ def unfused(engine):
 
 @pytest.fixture(scope="module")
 def session(engine):
-    with open_session(engine, SessionOptions(threads=1)) as s:
+    with runtime.open(engine, SessionOptions(threads=1)) as s:
         yield s
 
 
@@ -75,7 +75,7 @@ def test_extend_equals_one_token_steps_and_rollback_equals_a_fresh_run(engine, s
     session.rollback(len(prompt) + 2)
     assert session.cache_length == len(prompt) + 2
     after = session.extend([[60, 61]])[0].copy()
-    with open_session(engine, SessionOptions(threads=1)) as fresh:
+    with runtime.open(engine, SessionOptions(threads=1)) as fresh:
         expected = fresh.prefill(np.array([prompt + steps[:2] + [60, 61]]))[0, -2:]
     np.testing.assert_allclose(after, expected, atol=1e-5)
     with pytest.raises(BadInputError, match="roll"):
@@ -83,7 +83,7 @@ def test_extend_equals_one_token_steps_and_rollback_equals_a_fresh_run(engine, s
 
 
 def test_an_engine_that_copies_its_cache_decodes_without_speculation_and_says_so(unfused, session):
-    with open_session(unfused, SessionOptions(threads=1)) as copying:
+    with runtime.open(unfused, SessionOptions(threads=1)) as copying:
         assert not copying.supports_rollback
         copying.prefill(np.array([[5, 6, 7]]))
         with pytest.raises(BadInputError, match="rebuild it fused"):
@@ -119,7 +119,7 @@ class WrongEveryThird(DraftProposer):
 
 def test_greedy_with_a_draft_model_equals_plain_decoding(engine, session, repeating_prompt):
     plain = generate(session, repeating_prompt, GREEDY_48)
-    with open_session(engine, SessionOptions(threads=1)) as draft_session:
+    with runtime.open(engine, SessionOptions(threads=1)) as draft_session:
         config = SpeculativeConfig(method="draft", judge_after_rounds=10**9, probe_steps=0)
         speculator = Speculator(config, draft_session)
         same = generate(session, repeating_prompt, GREEDY_48, speculator=speculator)
@@ -178,7 +178,7 @@ def test_sampled_speculation_has_plain_sampling_distribution(engine, session, re
     runs = 400
     plain = np.array([generate(session, repeating_prompt, GenerationConfig(seed=s, **config)).tokens[0]
                       for s in range(runs)])
-    with open_session(engine, SessionOptions(threads=1)) as draft_session:
+    with runtime.open(engine, SessionOptions(threads=1)) as draft_session:
         draft = Speculator(SpeculativeConfig(method="draft", judge_after_rounds=10**9, probe_steps=0), draft_session)
         draft.proposer = lambda: HotterDraft(draft_session)
         lookup = Speculator(SpeculativeConfig(min_ngram=1, judge_after_rounds=10**9, probe_steps=0))
@@ -315,7 +315,7 @@ def test_default_int8_engine_speculates_losslessly(default_export):
     assert built.returncode == 0, built.stderr
     (path,) = [Path(p).parent for p in glob.glob(str(store / "engine-*" / "manifest.json"))
                if json.loads(Path(p).read_text()).get("precision") == "int8"]
-    with open_session(path, SessionOptions(threads=2)) as session:
+    with runtime.open(path, SessionOptions(threads=2)) as session:
         codec = load_codec(session.artifact)
         config = GenerationConfig(max_new_tokens=64, stop_token_ids=())
         identical, accepted = 0, 0

@@ -238,10 +238,10 @@ def build_plan_cli(model, out, *flags: str, env: dict | None = None):
 @NEEDS_GPU
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_tensorrt_engine_builds_verifies_and_decodes(tiny_model_factory, tmp_path, precision):
-    from runtime.session import open as open_session
+    import runtime
 
     _, engines = build_plan_cli(tiny_model_factory("llama"), tmp_path, "--precision", precision, "--max-seq", "256")
-    with open_session(engines[0]) as session:
+    with runtime.open(engines[0]) as session:
         logits = session.prefill(np.array([[5, 6, 7, 8]]))
         assert np.isfinite(session.decode(np.array([int(logits[0, -1].argmax())]))).all()
         assert session.last_step_ms > 0
@@ -253,12 +253,12 @@ def test_batched_plan_with_opt_equal_to_max_runs_to_its_limit(tiny_model_factory
     """--max-batch 2 (the prefill opt point once gave the cache batch 1) and --opt-seq = --max-seq (the decode
     profile's opt once passed its max): the plan builds, a batch of two matches each row run alone, decoding
     reaches --max-seq, and the next step is refused before any copy."""
-    from runtime.session import open as open_session
+    import runtime
 
     _, engines = build_plan_cli(tiny_model_factory("llama"), tmp_path, "--precision", "fp32", "--max-batch", "2",
                                 "--max-seq", "32", "--opt-seq", "32")
     prompt = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
-    with open_session(engines[0]) as session:
+    with runtime.open(engines[0]) as session:
         together = session.prefill(prompt)
         steps = [session.decode([3, 4]) for _ in range(32 - prompt.shape[1])]
         assert all(np.isfinite(step).all() for step in steps)
@@ -273,13 +273,13 @@ def test_batched_plan_with_opt_equal_to_max_runs_to_its_limit(tiny_model_factory
 @pytest.mark.gpu
 @NEEDS_GPU
 def test_version_compatible_plan_builds_and_runs(tiny_model_factory, tmp_path):
+    import runtime
     from runtime.artifact import load
-    from runtime.session import open as open_session
 
     _, engines = build_plan_cli(tiny_model_factory("llama"), tmp_path, "--precision", "fp32", "--max-seq", "64",
                                 "--version-compatible")
     assert load(engines[0]).metrics["compatibility"]["version_compatible"] is True
-    with open_session(engines[0]) as session:  # needs engine_host_code_allowed for the embedded lean runtime
+    with runtime.open(engines[0]) as session:  # needs engine_host_code_allowed for the embedded lean runtime
         logits = session.prefill(np.array([[5, 6, 7, 8]]))
         assert np.isfinite(session.decode([int(logits[0, -1].argmax())])).all()
 
