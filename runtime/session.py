@@ -1,15 +1,14 @@
 """The Session: the runtime's view of one engine. The KV cache lives inside it.
 
-`open(artifact)` picks the implementation from the manifest's backend. Every backend shares the input
-checks and the bookkeeping of attention mask and positions (`CacheState`), so the generation loop drives
-all of them the same way.
+`runtime.open(artifact)` (runtime/__init__.py) picks the implementation from the manifest's backend. Every
+backend shares the input checks and the bookkeeping of attention mask and positions (`CacheState`), so the
+generation loop drives all of them the same way.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -163,20 +162,3 @@ def rollback_state(state: CacheState, length: int) -> None:
         raise BadInputError(f"cannot roll the cache back to {length} positions; it holds {state.length}")
     state.next_position = state.next_position - (state.length - length)
     state.mask = state.mask[:, :length]
-
-
-def open(artifact: str | os.PathLike | artifacts.Artifact, options: SessionOptions | None = None,
-         verify: bool = True) -> Session:
-    """A Session over the artifact's engine, chosen by the manifest's backend (ONNX Runtime by default)."""
-    art = artifact if isinstance(artifact, artifacts.Artifact) else artifacts.load(Path(artifact), verify=verify)
-    backend = art.manifest.get("backend") or "ort"
-    if backend == "ort":
-        from runtime.ort_session import OrtSession
-
-        return OrtSession(art, options or SessionOptions())
-    if backend == "trt":
-        from runtime.trt_session import TrtSession
-
-        return TrtSession(art, options or SessionOptions())
-    raise BadInputError(f"artifact {art.path} has backend {backend!r}, which this runtime cannot open; "
-                        "rebuild it with --backend ort")

@@ -232,7 +232,8 @@ def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factor
 
 
 def test_missed_gate_exits_3_and_names_layers(tiny_model_factory, tmp_path):
-    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "-50")
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int8", "--max-ppl-increase", "0",
+                              "--max-float-fraction", "0")
     assert result.returncode == 3, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "misses the accuracy gate" in last and "most sensitive layers: model.layers." in last

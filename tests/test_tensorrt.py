@@ -610,9 +610,9 @@ def test_verification_windows_are_cut_to_the_plans_max_seq(monkeypatch, tmp_path
     monkeypatch.setattr(verify_module, "evaluate_engine", fake_evaluate_engine)
     monkeypatch.setattr(verify_module, "compare_logits", lambda ref, eng, w, precision, threads: {
         "passed": True, "statistic": "max", "tolerance": 1e-3, "max": 0.0, "mean": 0.0, "windows": w.shape})
-    export = Artifact(tmp_path, {"files": {"model.onnx": {}}, "io": {"model": {}}})
+    export = Artifact(tmp_path, {"id": "export0", "files": {"model.onnx": {}}, "io": {"model": {}}})
     reference = verify_module.Reference.of(export, windows, threads=1)
-    parent = Artifact(tmp_path, {"metrics": {}})
+    parent = Artifact(tmp_path, {"id": "export0", "metrics": {}})
     for _ in range(2):  # two plans of one build share the shortened reference
         plan = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {"max_sequence": 64}})
         metrics = verify_module.verify(plan, parent, reference)
