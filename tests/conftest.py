@@ -58,6 +58,21 @@ def default_export(tmp_path_factory):
     return build(BuildConfig(out=tmp_path_factory.mktemp("default-store")))[0].artifact
 
 
+# The default model's int8 build every slow test shares: the flags of the end-to-end CLI test, so whichever
+# runs first builds it and the others reuse each stage.
+DEFAULT_INT8_FLAGS = ("--precision", "int8", "--calib-samples", "32")
+
+
+@pytest.fixture(scope="session")
+def default_int8_engine(default_export):
+    """The default model's int8 engine, built once per test session beside the default export (slow)."""
+    from export.build import build, parse_args
+
+    store = default_export.path.parent
+    results = build(parse_args([*DEFAULT_INT8_FLAGS, "--out", str(store), "--bench-runs", "0"]))
+    return next(r.artifact for r in results if r.stage == "engine")
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repository root, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,

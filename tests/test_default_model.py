@@ -112,11 +112,11 @@ def test_int8_build_end_to_end_meets_the_gates_in_its_report(default_export):
     engine -> verification -> latency, judged from the report it writes."""
     import json
 
-    from conftest import run_cli
+    from conftest import DEFAULT_INT8_FLAGS, run_cli
 
     store = default_export.path.parent
-    result = run_cli("export.build", "--precision", "int8", "--out", str(store), "--calib-samples", "32",
-                     "--bench-runs", "1", "--bench-gen", "16", timeout=1200)
+    result = run_cli("export.build", *DEFAULT_INT8_FLAGS, "--out", str(store), "--bench-runs", "1", "--bench-gen", "16",
+                     timeout=1200)
     assert result.returncode == 0, result.stderr
     report = json.loads((store / "report.json").read_text())
     stages = [s["stage"] for s in report["stages"]]

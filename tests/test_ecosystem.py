@@ -220,11 +220,8 @@ def test_report_has_its_plots_linked(chat_export, tmp_path):
 # -- the default model (slow) -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_int8_engine_gives_lmforges_tokens_in_onnxruntime_genai(default_export):
-    from export.build import BuildConfig, build
-
-    results = build(BuildConfig(out=default_export.path.parent, precisions=("int8",), bench_runs=0))
-    engine = next(r.artifact for r in results if r.stage == "engine")
+def test_default_int8_engine_gives_lmforges_tokens_in_onnxruntime_genai(default_int8_engine):
+    engine = default_int8_engine
     assert json.loads((engine.path / GENAI_CONFIG).read_text())["search"]["past_present_share_buffer"] is True
     prompt = prompt_of(engine)
     assert genai_greedy(engine.path, prompt, 32) == lmforge_greedy(engine, prompt, 32)

@@ -1,7 +1,6 @@
 """Speculative decoding: the verify step and its free rollback, greedy identity with plain decoding, the
 rejection rule's distribution, the proposers, the Governor, and the report's new figures."""
 
-import glob
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -301,7 +300,7 @@ def test_bench_speculative_cli_reports_ratios(engine, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_int8_engine_speculates_losslessly(default_export):
+def test_default_int8_engine_speculates_losslessly(default_int8_engine):
     """The default model's int8 engine, greedy, on grounded tasks: speculation gives plain decoding's tokens
     wherever the engine computes a position the same in a multi-token call as alone; where ONNX Runtime's
     rounding differs between the two (GroupQueryAttention with one query or several, amplified by the int8
@@ -309,13 +308,7 @@ def test_default_int8_engine_speculates_losslessly(default_export):
     from runtime.bench_speculative import grounded_tasks
     from runtime.text import load_codec
 
-    store = default_export.path.parent
-    built = run_cli("export.build", "--precision", "int8", "--out", str(store), "--calib-samples", "32",
-                    "--bench-runs", "1", "--bench-gen", "16", timeout=1800)
-    assert built.returncode == 0, built.stderr
-    (path,) = [Path(p).parent for p in glob.glob(str(store / "engine-*" / "manifest.json"))
-               if json.loads(Path(p).read_text()).get("precision") == "int8"]
-    with runtime.open(path, SessionOptions(threads=2)) as session:
+    with runtime.open(default_int8_engine, SessionOptions(threads=2)) as session:
         codec = load_codec(session.artifact)
         config = GenerationConfig(max_new_tokens=64, stop_token_ids=())
         identical, accepted = 0, 0
