@@ -308,6 +308,14 @@ def load_until(url: str, stop: float, index: int, outcomes: list) -> None:
             outcomes.append(exc)
 
 
+def active_slots(url: str) -> dict[str, float]:
+    """Sequences each replica holds a KV slot for, from the one metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["replica"]: sample.value for family in text_string_to_metric_families(
+        http(url).get("/metrics").text) if family.name == "lmforge_slots_active" for sample in family.samples}
+
+
 def test_killing_a_replica_mid_load_costs_only_its_own_requests(app):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -317,7 +325,11 @@ def test_killing_a_replica_mid_load_costs_only_its_own_requests(app):
     clients = [threading.Thread(target=load_until, args=(app, stop, i, outcomes)) for i in range(8)]
     for thread in clients:
         thread.start()
-    time.sleep(3)
+    time.sleep(1)
+    # Kill it while it holds requests: the router may have sent the first ones elsewhere.
+    while time.time() < stop - 3 and not active_slots(app).get(victim[0]):
+        time.sleep(0.05)
+    assert active_slots(app).get(victim[0]), "the load never reached the victim replica"
     os.kill(victim[1]["pid"], signal.SIGKILL)
     for thread in clients:
         thread.join(timeout=90)
