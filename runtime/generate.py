@@ -211,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
 
     speculator = None
     try:
+        # Every flag is checked before the engine loads (seconds for a real model).
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        config.validate()
+        if args.threads < 1:
+            raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
         options = SessionOptions(threads=args.threads, provider=args.provider)
         with runtime.open(args.artifact, options) as session:
             speculator = open_speculator(args.speculative, args.draft, session.artifact, options)
@@ -218,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
             text = args.prompt
             if not args.raw and codec.chat_template:
                 text = codec.render_chat([{"role": "user", "content": args.prompt}])
-            config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
             result = generate(session, [codec.encode(text)], config, on_token=TextStreamer(codec),
                               speculator=speculator)
     except LmforgeError as exc:

@@ -309,6 +309,11 @@ CASES = [
          ("temperature must be >= 0",)),
     Case("generate: top-p of 0", cli(GENERATE, engine, PROMPT, "--top-p", "0"), BAD, ("0 < top_p <= 1",)),
     Case("generate: an empty prompt", cli(GENERATE, engine, "", "--raw"), BAD, ("empty prompt",)),
+    # Checked before the engine loads: a missing artifact is not reached.
+    Case("generate: no thread", cli(GENERATE, scratch("no-engine"), PROMPT, "--threads", "0"), BAD,
+         ("--threads 0", "give 1 or more")),
+    Case("generate: no new token, before loading", cli(GENERATE, scratch("no-engine"), PROMPT, "--max-new-tokens",
+                                                         "0"), BAD, ("max_new_tokens must be at least 1",)),
     # the runtime API: artifacts, sessions, generation configs, the service
     Case("artifact.load: a file the manifest names is gone", api(lambda p: artifacts.load(missing_tokenizer(p))),
          BAD, ("is missing tokenizer.json", "rebuild")),
