@@ -162,25 +162,23 @@ class OrtSession:
         return self._run(ids, mask, positions, past, owned=owned, arrays=arrays, last_only=last_only)
 
     def decode(self, tokens) -> np.ndarray:
-        self._check_open()
-        if self._state is None:
-            raise BadInputError("decode called before prefill; call prefill(prompt) first")
-        length = self._state.length
-        ids, mask, positions = decode_step(self._state, tokens, self.facts)
-        past = self._kv.for_step(ids.shape[0], length, ids.shape[1])
-        return self._run(ids, mask, positions, past, owned=[], arrays=[], last_only=True)
+        return self._append("decode", decode_step, tokens, last_only=True)
 
     def extend(self, tokens) -> np.ndarray:
         """Append n tokens per row ([batch, n], or [n] for one row) after the cache in one call and return the
         logits of all n positions [batch, n, vocab]: speculative decoding's verify step, one read of the
         weights for n tokens."""
+        return self._append("extend", extend_step, tokens, last_only=False)
+
+    def _append(self, call: str, step, tokens, last_only: bool) -> np.ndarray:
+        """One run of new tokens after the cache: `step` checks them and advances the cache state."""
         self._check_open()
         if self._state is None:
-            raise BadInputError("extend called before prefill; call prefill(prompt) first")
+            raise BadInputError(f"{call} called before prefill; call prefill(prompt) first")
         length = self._state.length
-        ids, mask, positions = extend_step(self._state, tokens, self.facts)
+        ids, mask, positions = step(self._state, tokens, self.facts)
         past = self._kv.for_step(ids.shape[0], length, ids.shape[1])
-        return self._run(ids, mask, positions, past, owned=[], arrays=[], last_only=False)
+        return self._run(ids, mask, positions, past, owned=[], arrays=[], last_only=last_only)
 
     @property
     def supports_rollback(self) -> bool:
