@@ -139,14 +139,12 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
                                 work, progress)
-        increase = chosen.evaluation.increase_over(reference)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         writer.copy_text_files(parent)
     metrics = {
-        "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": chosen.evaluation.perplexity,
-                     "perplexity_increase_percent": increase, "top1_agreement": chosen.evaluation.agreement(reference),
-                     "gate_percent": config.max_ppl_increase, "passed": increase <= config.max_ppl_increase,
-                     "eval_windows": len(samples.evaluation), "data": samples.source},
+        "accuracy": accuracy.as_metrics([accuracy.AccuracyRecord.of(STAGE, "fp32", chosen.evaluation, reference,
+                                                                    limit=config.max_ppl_increase)]),
+        "data": samples.source,
         "kept_in_float": chosen.kept,
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),

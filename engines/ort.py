@@ -23,6 +23,7 @@ import onnx_ir as ir
 from engines.model_card import CARD, model_card
 from export.graph.attention import AttentionFacts, FuseAttentionPass
 from export.graph.linear import add_initializer
+from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.model_folder import write_genai_config, write_hf_files
@@ -173,7 +174,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
     write_ecosystem_files(parent, writer, metrics)
     provisional = writer.provisional(parent.io, precision=precision, backend="ort")
     if verify is not None:
-        metrics["verification"] = verify(provisional)
+        metrics["accuracy"] = as_metrics(verify(provisional))
     metrics["latency"] = build_latency(provisional, config)
     files = sorted(p.name for p in writer.dir.iterdir() if p.is_file())
     (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files,

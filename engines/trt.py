@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.trt_session import DECODE_PROFILE, PLAN_FILE, PREFILL_PROFILE, compatibility_keys, import_cudart
@@ -373,6 +374,6 @@ def run(parent: Artifact, writer: ArtifactWriter, config: TrtConfig, verify=None
     shapes = [{name: list(map(list, ranges)) for name, ranges in p.items()} for p in profiles(parent.io, config)]
     metrics = limits | {"profiles": shapes, "build_seconds": round(time.perf_counter() - started, 1)}
     if verify is not None:
-        metrics["verification"] = verify(writer.provisional(parent.io, precision=precision, backend="trt",
-                                                            metrics=limits))
+        metrics["accuracy"] = as_metrics(verify(writer.provisional(parent.io, precision=precision, backend="trt",
+                                                                   metrics=limits)))
     return writer.commit(io=parent.io, metrics=metrics, precision=precision, backend="trt")

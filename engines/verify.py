@@ -22,6 +22,8 @@ from runtime.contract import prefill_feeds
 from runtime.errors import AccuracyError
 from runtime.session import SessionOptions
 
+STAGE = "engine"  # the stage whose gate this is (engines/ort.py and engines/trt.py both write "engine")
+
 # (error statistic, absolute tolerance) on logits against the fp32 export, by precision.
 LOGITS_TOLERANCE = {"fp32": ("max", 1e-3), "fp16": ("mean", 5e-2), "int8": ("mean", 1.0),
                     "int8-weight-only": ("mean", 0.5), "int4": ("mean", 2.0)}
@@ -58,8 +60,9 @@ class Reference:
         return self.shortened[max_sequence]
 
 
-def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str, Any]:
-    """Metrics of the engine against the fp32 reference; raises AccuracyError when it fails."""
+def verify(engine: Artifact, parent: Artifact, reference: Reference) -> list[accuracy.AccuracyRecord]:
+    """The engine's accuracy records against the fp32 reference (one per text domain; today the held-out
+    windows); raises AccuracyError when it fails."""
     precision = engine.manifest.get("precision", "fp32")
     # What the parent gave up was measured on the full windows; the engine is measured on the windows it accepts.
     allowed = parent_increase(parent, reference) + PPL_SLACK_POINTS
@@ -67,9 +70,10 @@ def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str
     logits = compare_logits(reference.export, engine, reference.windows[:2], precision, reference.threads)
     evaluation = evaluate_engine(engine, reference.windows, reference.threads)
     increase = evaluation.increase_over(reference.evaluation)
-    metrics = {"logits": logits, "perplexity_fp32": reference.evaluation.perplexity,
-               "perplexity": evaluation.perplexity, "perplexity_increase_percent": increase,
-               "allowed_increase_percent": allowed, "top1_agreement": evaluation.agreement(reference.evaluation)}
+    record = accuracy.AccuracyRecord.of(STAGE, "fp32", evaluation, reference.evaluation, limit=allowed,
+                                        passed=logits["passed"] and increase <= allowed,
+                                        logits_diff=logits[logits["statistic"]], logits_statistic=logits["statistic"],
+                                        logits_limit=logits["tolerance"])
     problems = []
     if not logits["passed"]:
         problems.append(f"{logits['statistic']} |dlogits| {logits[logits['statistic']]:.3g} over the "
@@ -83,20 +87,18 @@ def verify(engine: Artifact, parent: Artifact, reference: Reference) -> dict[str
         where = f"; first diverging layer: {layer}" if layer else ""
         raise AccuracyError(f"engine verification failed: {'; '.join(problems)}{where}. Rebuild without the "
                             "fusion (--no-fuse-attention) or report the model")
-    return metrics
+    return [record]
 
 
 def parent_increase(parent: Artifact, reference: Reference) -> float:
     """The perplexity increase the parent artifact was accepted with: 0 when the parent is the reference graph
-    itself, else the increase its own gate measured, on its own windows against its own float baseline (a
-    ratio of perplexities from different windows would be meaningless)."""
+    itself, else the increase its own gate measured on the held-out text, on its own windows against its own
+    float baseline (a ratio of perplexities from different windows would be meaningless)."""
     if parent.id == reference.export.id:
         return 0.0
-    recorded = parent.metrics.get("accuracy", {})
-    baseline = recorded.get("perplexity_fp32") or recorded.get("perplexity_parent")
-    if "perplexity" not in recorded or not baseline:
-        return 0.0
-    return 100 * (recorded["perplexity"] / baseline - 1)
+    record = accuracy.held_out(accuracy.records_of(parent.metrics))
+    increase = record.perplexity_increase_percent if record else None
+    return increase or 0.0
 
 
 def evaluate_engine(engine: Artifact, windows: np.ndarray, threads: int) -> accuracy.Evaluation:

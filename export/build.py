@@ -29,6 +29,7 @@ from engines.verify import Reference, verify
 from export import distill, onnx_export, prune, report
 from export.graph.data import DataConfig, load_samples, user_documents, verification_windows, within_context
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from runtime import accuracy
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 from runtime.progress import Ticker
@@ -421,38 +422,14 @@ def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callab
     return reference
 
 
-def accuracy_text(metrics: dict) -> str:
-    if "distillation" in metrics:
-        figures = metrics["distillation"]
-        return (f"distilled {figures['steps']} steps: ppl {figures['perplexity_before']:.2f} -> "
-                f"{figures['perplexity_after']:.2f} (teacher {figures['perplexity_teacher']:.2f})")
-    if "parity" in metrics:
-        parity = metrics["parity"]
-        return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
-                f"{parity['greedy_matching']}/{parity['greedy_tokens']}")
-    if "verification" in metrics:
-        check = metrics["verification"]
-        return (f"vs fp32: ppl {check['perplexity_increase_percent']:+.2f}%, top-1 {check['top1_agreement']:.3f}, "
-                f"{check['logits']['statistic']}|dlogits| {check['logits'][check['logits']['statistic']]:.1e}")
-    if "plan" in metrics:
-        acc = metrics["accuracy"]
-        return (f"pruned {metrics['parameters_removed_percent']:.1f}% of parameters: ppl "
-                f"{acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}")
-    if "accuracy" in metrics:
-        acc = metrics["accuracy"]
-        return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
-                + (f"{len(metrics['kept_in_float'])} layers float" if "kept_in_float" in metrics
-                   else f"{metrics.get('float16_ops', 0)} ops float16"))
-    return "-"
-
-
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "artifact", "size", "time", "peak RSS", "accuracy")]
     for r in results:
         metrics = r.artifact.metrics
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss,
+                     accuracy.records_text(accuracy.records_of(metrics))))
     return report.format_rows(rows)
 
 
@@ -466,10 +443,11 @@ def comparison_table(results: list[StageResult]) -> str:
             continue
         if r.stage != ort_engine.STAGE:
             continue
-        check, cal = r.artifact.metrics.get("verification", {}), calibrated or {}
+        check, cal = accuracy.held_out(accuracy.records_of(r.artifact.metrics)), calibrated or {}
         rows.append((r.artifact.manifest.get("precision", "fp32"), r.artifact.id,
                      f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{check.get('perplexity_increase_percent', 0):+.2f}%", f"{check.get('top1_agreement', 1):.3f}",
+                     f"{check.perplexity_increase_percent:+.2f}%" if check else "-",
+                     f"{check.top1_agreement:.3f}" if check else "-",
                      str(len(cal.get("kept_in_float", []))) if cal else "-",
                      f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
         calibrated = None

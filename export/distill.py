@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from export.graph.pruning import PrunePlan, PruningError, group_channels
+from runtime.accuracy import AccuracyRecord
 from runtime.errors import AccuracyError
 from runtime.progress import Bar
 
@@ -153,13 +154,19 @@ def perplexity(model, windows: np.ndarray) -> float:
     return float(np.exp(nll / count))
 
 
-def check_healed(healed: float, teacher: float, config: DistillConfig) -> None:
-    """The budget gate on the healed model (before anything is exported, so a miss writes nothing)."""
-    increase = 100 * (healed / teacher - 1)
-    if config.max_increase is not None and increase > config.max_increase and not config.allow_accuracy_loss:
+def healed_record(healed: float, teacher: float, windows: int, config: DistillConfig) -> AccuracyRecord:
+    """The budget gate on the healed model, against the unpruned teacher (measured before anything is exported,
+    so a miss writes nothing)."""
+    record = AccuracyRecord(STAGE, "teacher", passed=True, perplexity=healed, reference_perplexity=teacher,
+                            ppl_limit_percent=config.max_increase, windows=windows)
+    increase = record.perplexity_increase_percent
+    if config.max_increase is None or increase <= config.max_increase:
+        return record
+    if not config.allow_accuracy_loss:
         raise AccuracyError(f"the healed model is {increase:+.2f}% over the unpruned one, over the "
                             f"{config.max_increase:g}% --prune-budget; give more --distill-steps, a smaller "
                             "--heal-budget, or --allow-accuracy-loss")
+    return replace(record, passed=False)
 
 
 def run(teacher, tokenizer, plan: PrunePlan, train: np.ndarray, evaluation: np.ndarray, writer, config: DistillConfig,
@@ -175,8 +182,7 @@ def run(teacher, tokenizer, plan: PrunePlan, train: np.ndarray, evaluation: np.n
                       progress=_bar("[distill]", config.steps))
     after = perplexity(student, evaluation)
     progress(f"[distill] perplexity {before:.2f} -> {after:.2f} in {figures['seconds']:.0f}s")
-    check_healed(after, teacher_ppl, config)
-    metrics = {"distillation": figures | {"perplexity_teacher": teacher_ppl, "perplexity_before": before,
-                                          "perplexity_after": after, "plan": plan.to_json(),
+    record = healed_record(after, teacher_ppl, len(evaluation), config)
+    metrics = {"distillation": figures | {"perplexity_before": before, "plan": plan.to_json(),
                                           "recovered_fraction": (before - after) / max(before - teacher_ppl, 1e-9)}}
-    return onnx_export.run(student, tokenizer, writer, export_config, extra_metrics=metrics)
+    return onnx_export.run(student, tokenizer, writer, export_config, extra_metrics=metrics, extra_records=(record,))

@@ -608,15 +608,20 @@ def test_verification_windows_are_cut_to_the_plans_max_seq(monkeypatch, tmp_path
 
     monkeypatch.setattr(verify_module.accuracy, "evaluate_model", fake_evaluate_model)
     monkeypatch.setattr(verify_module, "evaluate_engine", fake_evaluate_engine)
-    monkeypatch.setattr(verify_module, "compare_logits", lambda ref, eng, w, precision, threads: {
-        "passed": True, "statistic": "max", "tolerance": 1e-3, "max": 0.0, "mean": 0.0, "windows": w.shape})
+    compared = []
+
+    def fake_compare_logits(ref, eng, windows_seen, precision, threads):
+        compared.append(windows_seen.shape)
+        return {"passed": True, "statistic": "max", "tolerance": 1e-3, "max": 0.0, "mean": 0.0}
+
+    monkeypatch.setattr(verify_module, "compare_logits", fake_compare_logits)
     export = Artifact(tmp_path, {"id": "export0", "files": {"model.onnx": {}}, "io": {"model": {}}})
     reference = verify_module.Reference.of(export, windows, threads=1)
     parent = Artifact(tmp_path, {"id": "export0", "metrics": {}})
     for _ in range(2):  # two plans of one build share the shortened reference
         plan = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {"max_sequence": 64}})
-        metrics = verify_module.verify(plan, parent, reference)
-    assert metrics["logits"]["windows"] == (2, 64) and engine_windows == [(3, 64), (3, 64)]
+        (record,) = verify_module.verify(plan, parent, reference)
+    assert compared[-1] == (2, 64) and engine_windows == [(3, 64), (3, 64)] and record.windows == 3
     assert evaluated == [(3, 256), (3, 64)]
     onnx_engine = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {}})
     verify_module.verify(onnx_engine, parent, reference)
@@ -672,8 +677,9 @@ def test_gpu_check_table_puts_verification_beside_latency(tmp_path):
         (plan / "manifest.json").write_text(json.dumps({"metrics": {"compatibility": {
             "tensorrt": "11.4.0.106", "gpu": "NVIDIA H200", "compute_capability": "9.0"}}}))
         engines.append({"precision": precision, "engine_id": f"id-{precision}", "path": str(plan), "size_bytes": 2e6,
-                        "accuracy": {"perplexity_increase_percent": increase, "top1_agreement": 0.98,
-                                     "logits": {"statistic": "mean", "mean": 0.05, "tolerance": 1.0}}})
+                        "accuracy": [{"domain": "held-out", "perplexity_increase_percent": increase,
+                                      "top1_agreement": 0.98, "logits_statistic": "mean", "logits_diff": 0.05,
+                                      "logits_limit": 1.0}]})
         (tmp_path / f"bench-{precision}.json").write_text(json.dumps({"runners": {"lmforge": {
             "ttft_ms": 12.0, "tpot_ms": {"p50": tpot}, "tokens_per_second": 1000 / tpot}}}))
     (tmp_path / "report.json").write_text(json.dumps({"engines": engines}))
