@@ -19,6 +19,7 @@ from export.graph.pruning import PrunePlan, PruningError, group_channels
 from runtime.accuracy import AccuracyRecord
 from runtime.errors import AccuracyError
 from runtime.progress import Bar
+from runtime.ranges import check_ranges, ranged
 
 STAGE = "distill"
 
@@ -26,21 +27,24 @@ STAGE = "distill"
 @dataclass(frozen=True)
 class DistillConfig:
     # Optimizer steps of KL distillation from the unpruned teacher; 0 turns the stage off.
-    steps: int = 0
+    steps: int = ranged(0, "--distill-steps", low=0)
     # Decays linearly to 0 over the steps: at a constant rate the held-out perplexity swung by 3 points
     # between evaluations 50 steps apart.
-    learning_rate: float = 1e-4
+    learning_rate: float = ranged(1e-4, "learning_rate", low=0, low_open=True)
     # Windows per step and their length: small, since this runs on CPUs too.
-    batch: int = 2
-    seq_len: int = 128
+    batch: int = ranged(2, "batch", low=1)
+    seq_len: int = ranged(128, "seq_len", low=2)  # a next-token loss needs two tokens
     # Windows drawn from the calibration text: with 64, a 9%-pruned default model healed 54% of its loss in
     # 100 steps and then lost ground (overfitting); with 512, 70% at 100 steps and 77% at 200.
-    samples: int = 512
+    samples: int = ranged(512, "samples", low=1)
     seed: int = 0
     # The healed model's perplexity increase over the teacher may not exceed this percent (the prune budget,
     # when the plan was made for a larger one to heal); None: no gate.
-    max_increase: float | None = None
+    max_increase: float | None = ranged(None, "--prune-budget", low=0, low_open=True)
     allow_accuracy_loss: bool = False
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def stage_config(config: DistillConfig) -> dict[str, Any]:
