@@ -23,6 +23,7 @@ from runtime.baselines import plain_greedy, plain_session
 from runtime.contract import kv_names
 from runtime.errors import AccuracyError
 from runtime.model_folder import GENERATION_CONFIG, HF_CONFIG, pruned_hf_config, write_json
+from runtime.ranges import check_ranges, ranged
 
 STAGE = "export"
 PARITY_DOMAIN = "parity prompt"  # the accuracy record's domain: PARITY_PROMPT and the greedy tokens after it
@@ -35,13 +36,16 @@ class ExportConfig:
     # parse it, while opset >= 23 may fuse SDPA into an `Attention` node whose KV inputs TensorRT rejects.
     opset: int = 18
     # Max |logits_onnx - logits_torch| allowed over the prefill and decode steps; fp32 export noise is ~1e-4.
-    parity_atol: float = 1e-3
+    parity_atol: float = ranged(1e-3, "parity_atol", low=0)
     # Decode steps whose logits are compared after the prefill.
-    parity_decode_steps: int = 8
+    parity_decode_steps: int = ranged(8, "parity_decode_steps", low=0)
     # Greedy tokens that must be identical between ONNX Runtime and PyTorch.
-    parity_greedy_tokens: int = 32
+    parity_greedy_tokens: int = ranged(32, "parity_greedy_tokens", low=1)
     # Protobuf cannot hold more than 2 GiB, so larger weights go to an external data file beside the model.
-    external_data_threshold_bytes: int = 2 * 1024**3
+    external_data_threshold_bytes: int = ranged(2 * 1024**3, "external_data_threshold_bytes", low=0)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def _kv_cache_wrapper(model):

@@ -13,11 +13,13 @@ from engines.trt import TrtConfig
 from export import build
 from export.distill import DistillConfig
 from export.graph.data import DataConfig
+from export.onnx_export import ExportConfig
 from export.prune import PruneConfig
 from runtime.errors import EXIT_BAD_INPUT, BadInputError
 from runtime.ranges import RANGE, Range
 
-CONFIGS = (build.BuildConfig, EngineConfig, TrtConfig, CalibrationConfig, DataConfig, PruneConfig, DistillConfig)
+CONFIGS = (build.BuildConfig, EngineConfig, TrtConfig, CalibrationConfig, DataConfig, PruneConfig, DistillConfig,
+           ExportConfig)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -39,6 +41,7 @@ CONFIGS = (build.BuildConfig, EngineConfig, TrtConfig, CalibrationConfig, DataCo
     (lambda: DistillConfig(steps=-1), "--distill-steps -1 is too small"),
     (lambda: DistillConfig(learning_rate=0), "learning_rate 0 must be greater than 0"),
     (lambda: TrtConfig(max_seq=64, opt_seq=128), "--opt-seq 128 is outside 1 to --max-seq"),
+    (lambda: ExportConfig(parity_greedy_tokens=0), "parity_greedy_tokens 0 is too small; give 1 or more"),
     (lambda: build.BuildConfig(precisions=("int3",)), "unknown precision int3"),
     (lambda: build.BuildConfig(precisions=()), "unknown precision"),
     (lambda: build.BuildConfig(bench_gen=1), "--bench-gen 1 is too small; give 2 or more"),
