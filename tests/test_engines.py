@@ -221,3 +221,16 @@ def test_the_parents_allowance_is_its_own_gates_figure_whatever_windows_the_refe
     # The reference's windows differ from the parent's: its perplexity is unrelated to the parent's baseline.
     reference = Reference(export, np.zeros((1, 4), np.int64), Evaluation(30.0, []), threads=1)
     assert parent_increase(parent, reference) == pytest.approx(expected)
+
+
+def test_fusion_figures_set_the_kept_norm_fusion_against_onnxscripts_rules(export_factory):
+    """The comparison engines/ort.py's docstring rests on (engines/fusion_figures.py), on a tiny Llama: the
+    engine's own path first; onnxscript's rules make the same graph there, and its whole pipeline (no GQA
+    reached) more ops. A change on either side fails this, and the decision is to be measured again."""
+    from engines import fusion_figures
+
+    rows = [line.split() for line in fusion_figures.ops_table([export_factory("llama")]).splitlines()[2:]]
+    assert [row[2] for row in rows] == ["ort-optimizer", "onnxscript-rules", "onnxscript-all"]
+    kept, rules, everything = (int(row[3]) for row in rows)
+    assert rules == kept and len(rows[1]) == 4  # no op added or missing
+    assert everything > kept
