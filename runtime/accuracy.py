@@ -83,7 +83,7 @@ class AccuracyRecord:
     logits_statistic: str = "max"
     ppl_limit_percent: float | None = None  # the most perplexity increase the gate accepts
     logits_limit: float | None = None  # the largest logits_diff the gate accepts
-    windows: int | None = None  # how many windows (or, for export parity, decode steps) were compared
+    windows: int | None = None  # held-out windows compared (None for export parity: one fixed prompt)
     domain: str = HELD_OUT
 
     @classmethod
