@@ -101,7 +101,7 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
         rss = f"{s['peak_rss_mb'] / 1024:.2f} GB" if s["peak_rss_mb"] else "-"
         lines.append(f"| {s['stage']} | `{s['artifact_id']}` | {s['precision']} | {s['seconds']:.1f} s"
                      f"{' (reused)' if s['reused'] else ''} | {s['size_bytes'] / 1e6:.1f} MB | {rss} | "
-                     f"{records_text(map(AccuracyRecord.from_dict, s['accuracy']))} |")
+                     f"{_cell(records_text(map(AccuracyRecord.from_dict, s['accuracy'])))} |")
     lines += ["", "## Engines", "",
               "| precision | engine | size | ppl vs fp32 | top-1 | TTFT ms | TPOT p50 | p90 | p99 | tok/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -129,6 +129,11 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
 def held_out(entry: dict) -> dict:
     """A report entry's accuracy record on the build's held-out text, as report.json holds it ({} if none)."""
     return next((record for record in entry["accuracy"] if record["domain"] == HELD_OUT), {})
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a bare `|` (as in `max|dlogits|`) would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _num(value, spec: str) -> str:

@@ -116,13 +116,13 @@ class AccuracyRecord:
         the gate was not passed."""
         parts = []
         if self.perplexity_increase_percent is not None:
-            limit = "" if self.ppl_limit_percent is None else f", limit {self.ppl_limit_percent:g}%"
+            limit = "" if self.ppl_limit_percent is None else f", limit {self.ppl_limit_percent:.3g}%"
             parts.append(f"ppl {self.reference_perplexity:.2f} -> {self.perplexity:.2f} "
                          f"({self.perplexity_increase_percent:+.2f}%{limit})")
         if self.top1_agreement is not None:
             parts.append(f"top-1 {self.top1_agreement:.3f}")
         if self.logits_diff is not None:
-            limit = "" if self.logits_limit is None else f" (limit {self.logits_limit:g})"
+            limit = "" if self.logits_limit is None else f" (limit {self.logits_limit:.3g})"
             parts.append(f"{self.logits_statistic}|dlogits| {self.logits_diff:.1e}{limit}")
         where = "" if self.domain == HELD_OUT else f" on {self.domain}"
         return f"vs {self.against}{where}: {', '.join(parts) or 'no figures'}" + ("" if self.passed else ", missed")
