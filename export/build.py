@@ -73,6 +73,8 @@ class BuildConfig:
         if unknown or not self.precisions:
             raise BadInputError(f"unknown precision {', '.join(unknown) or repr(','.join(self.precisions))}; choose "
                                 f"one or more of: {', '.join(PRECISIONS)}")
+        if self.backend not in BACKENDS:
+            raise BadInputError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         if self.distillation.steps and not self.pruning.wanted():
             raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
                                 "--prune-budget or --prune-plan")

@@ -45,6 +45,7 @@ CONFIGS = (build.BuildConfig, EngineConfig, TrtConfig, CalibrationConfig, DataCo
     (lambda: build.BuildConfig(precisions=("int3",)), "unknown precision int3"),
     (lambda: build.BuildConfig(precisions=()), "unknown precision"),
     (lambda: build.BuildConfig(bench_gen=1), "--bench-gen 1 is too small; give 2 or more"),
+    (lambda: build.BuildConfig(backend="tpu"), "--backend 'tpu' is unknown; choose one of: auto, ort, trt"),
     (lambda: build.BuildConfig(distillation=DistillConfig(steps=5)), "--distill-steps heals a pruned model"),
 ])
 def test_a_config_refuses_a_bad_value_in_one_line_naming_the_flag(make, message):
