@@ -4,7 +4,7 @@
 # place of our attention fusion too (engines/fusion_figures.py). On the default model's fp32 export and int8
 # calibration: ops, build seconds, decode ms per token (runs alternated) and logits against the kept path; then
 # op counts on a tiny random model of each family the tests build (the fusions differ by family).
-# Usage: ci/figures-fusion.sh [STORE]   (about 25 minutes on 2 cores)
+# Usage: ci/figures-fusion.sh [STORE]   (about 35 minutes on 2 cores)
 set -euo pipefail
 store=${1:-artifacts/fusion-figures}
 # The export and calibrate artifacts the last build in a store reported.
