@@ -369,18 +369,12 @@ def speculative_decode(session, prompt: list[int], first: int, picker: TokenPick
 def open_speculator(method: str | None, draft_path: str | None, target, options=None) -> Speculator | None:
     """A Speculator from the command-line flags `--speculative METHOD` and `--draft ARTIFACT` (None for
     neither); the draft is opened here and checked against the target's vocabulary and tokenizer."""
+    check_speculation_flags(method, draft_path)
     if method is None:
-        if draft_path:
-            raise BadInputError("--draft needs --speculative draft")
         return None
     config = SpeculativeConfig(method=method)
-    config.validate()
     if method != "draft":
-        if draft_path:
-            raise BadInputError(f"--draft is for --speculative draft, not {method}; drop --draft")
         return Speculator(config)
-    if not draft_path:
-        raise BadInputError("--speculative draft needs --draft ARTIFACT (an engine built with the same tokenizer)")
 
     draft = runtime.open(draft_path, options)
     try:
@@ -389,6 +383,19 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
         draft.close()
         raise
     return Speculator(config, draft)
+
+
+def check_speculation_flags(method: str | None, draft_path: str | None) -> None:
+    """`--speculative METHOD` and `--draft ARTIFACT` make sense together, before anything loads."""
+    if method is None:
+        if draft_path:
+            raise BadInputError("--draft needs --speculative draft")
+        return
+    SpeculativeConfig(method=method).validate()
+    if method != "draft" and draft_path:
+        raise BadInputError(f"--draft is for --speculative draft, not {method}; drop --draft")
+    if method == "draft" and not draft_path:
+        raise BadInputError("--speculative draft needs --draft ARTIFACT (an engine built with the same tokenizer)")
 
 
 def check_same_tokenizer(target, draft) -> None:
