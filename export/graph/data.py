@@ -34,6 +34,7 @@ DEFAULT_MODULES = (
     "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
 )
 EVAL_SHARE = 5  # one document in five is held out for evaluation
+TEACHER_DOMAIN = "teacher-answers"  # the held-out text the teacher wrote (export/teacher.py)
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,8 @@ def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     if config.chat:
         documents = {name: codec.render_chat([{"role": "user", "content": text}], add_generation_prompt=False)
                      for name, text in documents.items()}
-    split = split_documents(documents)
-    separator = eos_ids[:1]
-    calibration = windows(token_stream(split.calibration, codec.encode, separator), config.seq_len)
-    evaluation = windows(token_stream(split.evaluation, codec.encode, separator), config.seq_len)
     source = config.source or "python-stdlib-docs"
+    calibration, evaluation = split_windows(documents, config.seq_len, codec, eos_ids)
     if len(calibration) < config.samples or len(evaluation) < config.eval_samples:
         raise BadInputError(
             f"{source} gives {len(calibration)} calibration and {len(evaluation)} evaluation windows of "
@@ -207,6 +205,33 @@ def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(len(calibration), size=config.samples, replace=False))
     return SampleSet(calibration[chosen], evaluation[: config.eval_samples], source)
+
+
+def split_windows(documents: dict[str, str], seq_len: int, codec, eos_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration windows, held-out windows) of `seq_len` tokens from the documents' name-based split."""
+    split = split_documents(documents)
+    separator = eos_ids[:1]
+    return (windows(token_stream(split.calibration, codec.encode, separator), seq_len),
+            windows(token_stream(split.evaluation, codec.encode, separator), seq_len))
+
+
+def teacher_documents(generations: list[dict[str, str]], codec) -> dict[str, str]:
+    """Each teacher answer as the conversation it came from, rendered through the chat template; named by its
+    prompt, so the split between training and held-out answers never moves."""
+    return {f"teacher:{g['prompt']}": codec.render_chat([{"role": "user", "content": g["prompt"]},
+                                                          {"role": "assistant", "content": g["response"]}],
+                                                         add_generation_prompt=False)
+            for g in generations}
+
+
+def teacher_samples(generations: list[dict[str, str]], config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
+    """The teacher's answers as windows: as many as the text gives, up to the counts asked for (teacher text is
+    short by design, so fewer is not an error; none is)."""
+    calibration, evaluation = split_windows(teacher_documents(generations, codec), config.seq_len, codec, eos_ids)
+    if not len(calibration) or not len(evaluation):
+        raise BadInputError(f"the teacher's answers give {len(calibration)} training and {len(evaluation)} held-out "
+                            f"windows of {config.seq_len} tokens; lower --calib-seq-len or answer more prompts")
+    return SampleSet(calibration[: config.samples], evaluation[: config.eval_samples], TEACHER_DOMAIN)
 
 
 def verification_windows(export: Artifact, data: DataConfig) -> np.ndarray:
