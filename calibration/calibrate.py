@@ -38,6 +38,7 @@ from export.graph.smoothquant import SmoothQuantPass
 from runtime import accuracy
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
+from runtime.ranges import check_ranges, ranged
 from runtime.text import load_codec
 
 STAGE = "calibrate"
@@ -79,13 +80,20 @@ class CalibrationConfig:
     # unverified (no TensorRT here).
     weight_only_at_int8: tuple[str, ...] = ("*.mlp.down_proj",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
-    max_ppl_increase: float = 3.0
+    max_ppl_increase: float = ranged(3.0, "--max-ppl-increase", low=0)
     # Never return more than this share of the linear layers to float: past it, it is not an int8 engine.
-    max_float_fraction: float = 0.10
+    max_float_fraction: float = ranged(0.10, "--max-float-fraction", low=0, high=1)
     # Write the artifact even when the gate is missed (the metrics still say so).
     allow_accuracy_loss: bool = False
-    threads: int = os.cpu_count() or 1
+    threads: int = ranged(os.cpu_count() or 1, "--threads", low=1)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        check_ranges(self)
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"calibration precision {self.precision!r} unknown; choose one of {PRECISIONS}")
+        if self.method not in stats.METHODS:
+            raise BadInputError(f"--calib-method {self.method!r} is unknown; choose one of {', '.join(stats.METHODS)}")
 
 
 def smoothquant_strength(config: CalibrationConfig) -> float | None:
@@ -100,11 +108,8 @@ def stage_config(config: CalibrationConfig) -> dict[str, Any]:
     return asdict(config)
 
 
-def validate(config: CalibrationConfig, layers: list[str]) -> None:
-    if config.precision not in PRECISIONS:
-        raise BadInputError(f"calibration precision {config.precision!r} unknown; choose one of {PRECISIONS}")
-    if config.method not in stats.METHODS:
-        raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
+def check_layers(config: CalibrationConfig, layers: list[str]) -> None:
+    """What the config can only be checked against once the model is known: the layers --keep-fp names."""
     unknown = [name for name in config.keep_fp if name not in layers]
     if unknown:
         raise BadInputError(f"--keep-fp names no linear layer: {', '.join(unknown)}; layers look like "
@@ -131,7 +136,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
     started = time.perf_counter()
     facts = parent.model_facts
     layers = facts["linear_layers"]
-    validate(config, layers)
+    check_layers(config, layers)
     samples = load_samples(within_context(config.data, facts), load_codec(parent), facts["eos_token_ids"])
     with writer.working_folder() as work:
         progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")
@@ -139,14 +144,12 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
                                 work, progress)
-        increase = chosen.evaluation.increase_over(reference)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         writer.copy_text_files(parent)
     metrics = {
-        "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": chosen.evaluation.perplexity,
-                     "perplexity_increase_percent": increase, "top1_agreement": chosen.evaluation.agreement(reference),
-                     "gate_percent": config.max_ppl_increase, "passed": increase <= config.max_ppl_increase,
-                     "eval_windows": len(samples.evaluation), "data": samples.source},
+        "accuracy": accuracy.as_metrics([accuracy.AccuracyRecord.of(STAGE, "fp32", chosen.evaluation, reference,
+                                                                    limit=config.max_ppl_increase)]),
+        "data": samples.source,
         "kept_in_float": chosen.kept,
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),

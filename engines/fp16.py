@@ -32,13 +32,12 @@ def run(parent: Artifact, writer: ArtifactWriter, reference: Reference, allow_lo
     progress(f"[fp16] {conversion.half_nodes} ops in float16; accuracy against float32 on {len(windows)} windows")
     converted = accuracy.evaluate_model(Path(destination), parent.model_facts, windows, reference.threads)
     increase = converted.increase_over(reference.evaluation)
-    metrics: dict[str, Any] = {
-        "accuracy": {"perplexity_fp32": reference.evaluation.perplexity, "perplexity": converted.perplexity,
-                     "perplexity_increase_percent": increase,
-                     "top1_agreement": converted.agreement(reference.evaluation),
-                     "gate_percent": MAX_PPL_INCREASE, "passed": abs(increase) <= MAX_PPL_INCREASE},
-        "float16_ops": conversion.half_nodes, "convert_seconds": round(time.perf_counter() - started, 1)}
-    if not metrics["accuracy"]["passed"] and not allow_loss:
+    # Two-sided: float16 should move perplexity neither way.
+    record = accuracy.AccuracyRecord.of(STAGE, "fp32", converted, reference.evaluation, limit=MAX_PPL_INCREASE,
+                                        passed=abs(increase) <= MAX_PPL_INCREASE)
+    metrics: dict[str, Any] = {"accuracy": accuracy.as_metrics([record]), "float16_ops": conversion.half_nodes,
+                               "convert_seconds": round(time.perf_counter() - started, 1)}
+    if not record.passed and not allow_loss:
         raise AccuracyError(f"float16 changes perplexity by {increase:+.2f}% (gate ±{MAX_PPL_INCREASE}%); keep "
                             "fp32, or pass --allow-accuracy-loss")
     writer.copy_text_files(parent)

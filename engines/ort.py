@@ -23,11 +23,13 @@ import onnx_ir as ir
 from engines.model_card import CARD, model_card
 from export.graph.attention import AttentionFacts, FuseAttentionPass
 from export.graph.linear import add_initializer
+from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.model_folder import write_genai_config, write_hf_files
 from runtime.ort_session import PROVIDERS as RUNTIME_PROVIDERS
 from runtime.progress import Ticker
+from runtime.ranges import check_ranges, ranged
 from runtime.session import LOGITS_TO_KEEP
 
 STAGE = "engine"
@@ -42,9 +44,14 @@ class EngineConfig:
     # Execution provider the graph is optimized for; ONNX Runtime's offline fusions are provider-specific.
     provider: str = "cpu"
     # Intra-op threads the engine is verified and measured with (recorded; a service may choose others).
-    threads: int = 2
+    threads: int = ranged(2, "--threads", low=1)
     # Replace each layer's exported attention with GroupQueryAttention where the model family allows it.
     fuse_attention: bool = True
+
+    def __post_init__(self):
+        check_ranges(self)
+        if self.provider not in PROVIDERS:
+            raise BadInputError(f"--provider {self.provider!r} is unknown; choose one of: {', '.join(PROVIDERS)}")
 
 
 def stage_config(config: EngineConfig) -> dict[str, Any]:
@@ -52,10 +59,9 @@ def stage_config(config: EngineConfig) -> dict[str, Any]:
 
 
 def check_provider(provider: str) -> None:
+    """Whether this onnxruntime has the (known: EngineConfig checked it) provider: exit 4 when it has not."""
     import onnxruntime
 
-    if provider not in PROVIDERS:
-        raise BadInputError(f"unknown execution provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in onnxruntime.get_available_providers():
         raise LmforgeError(f"this onnxruntime has no {PROVIDERS[provider]}; install onnxruntime-gpu for "
                            "--provider cuda, or use --provider cpu", exit_code=EXIT_BACKEND_UNAVAILABLE)
@@ -173,7 +179,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
     write_ecosystem_files(parent, writer, metrics)
     provisional = writer.provisional(parent.io, precision=precision, backend="ort")
     if verify is not None:
-        metrics["verification"] = verify(provisional)
+        metrics["accuracy"] = as_metrics(verify(provisional))
     metrics["latency"] = build_latency(provisional, config)
     files = sorted(p.name for p in writer.dir.iterdir() if p.is_file())
     (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import shutil
 import signal
@@ -29,9 +28,11 @@ from engines.verify import Reference, verify
 from export import distill, onnx_export, prune, report
 from export.graph.data import DataConfig, load_samples, user_documents, verification_windows, within_context
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from runtime import accuracy
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 from runtime.progress import Ticker
+from runtime.ranges import Range, check_ranges, range_of, ranged
 
 # Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
 PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
@@ -56,15 +57,25 @@ class BuildConfig:
     # Where report.json / report.md go (default: the store), and the latency measurement of every engine
     # through the runtime (runs alternated; 0 runs skips it).
     report: Path | None = None
-    bench_runs: int = 3
-    bench_prompt: int = 64
-    bench_gen: int = 32
+    bench_runs: int = ranged(3, "--bench-runs", low=0)
+    bench_prompt: int = ranged(64, "--bench-prompt", low=1)
+    bench_gen: int = ranged(32, "--bench-gen", low=2)  # a time per output token needs a step after the first
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
     tensorrt: trt_engine.TrtConfig = field(default_factory=trt_engine.TrtConfig)
     pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
     distillation: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+
+    def __post_init__(self):
+        check_ranges(self)
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise BadInputError(f"unknown precision {', '.join(unknown) or repr(','.join(self.precisions))}; choose "
+                                f"one or more of: {', '.join(PRECISIONS)}")
+        if self.distillation.steps and not self.pruning.wanted():
+            raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
+                                "--prune-budget or --prune-plan")
 
 
 @dataclass
@@ -83,34 +94,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInputError(f"{message}; see `{self.prog} --help`")
 
 
-def at_least(low: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` no smaller than `low`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is too small; give {low:g} or more")
-        return value
-    return parse
+# Flags that set no config field of their own: --heal-budget becomes the prune stage's budget.
+HEAL_BUDGET = Range("--heal-budget", low=0, low_open=True)
 
 
-def above(low: float) -> Callable[[str], float]:
-    """An argparse type: a number greater than `low`."""
-    def parse(text: str) -> float:
-        value = at_least(-math.inf, float)(text)
-        if not value > low:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than {low:g}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
-    return value
+def flag_type(config_class: type, name: str, kind: type = int) -> Callable[[str], float]:
+    """The argparse type of the flag that sets `config_class.name`: the field's own range (runtime/ranges.py)."""
+    return range_of(config_class, name).parser(kind)
 
 
 def build_parser() -> OneLineParser:
@@ -125,22 +115,24 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run")
     parser.add_argument("--report", default=None, help="folder for report.json and report.md (default: --out)")
-    parser.add_argument("--bench-runs", type=at_least(0), default=BuildConfig.bench_runs,
+    parser.add_argument("--bench-runs", type=flag_type(BuildConfig, "bench_runs"), default=BuildConfig.bench_runs,
                         help="latency runs per engine after the build (0: no measurement)")
-    parser.add_argument("--bench-prompt", type=at_least(1), default=BuildConfig.bench_prompt,
+    parser.add_argument("--bench-prompt", type=flag_type(BuildConfig, "bench_prompt"),
+                        default=BuildConfig.bench_prompt,
                         help="prompt tokens of the latency measurement")
-    parser.add_argument("--bench-gen", type=at_least(2), default=BuildConfig.bench_gen,
+    parser.add_argument("--bench-gen", type=flag_type(BuildConfig, "bench_gen"), default=BuildConfig.bench_gen,
                         help="generated tokens of the latency measurement")
     defaults, data_defaults = calibrate.CalibrationConfig(), DataConfig()
     calib = parser.add_argument_group("calibration and accuracy data (every gate measures on its held-out part)")
     calib.add_argument("--calib-data", default=None,
                        help="a .txt file, a folder of .txt, a .jsonl, or a dataset id (default: Python's docs)")
     calib.add_argument("--calib-field", default=data_defaults.text_field, help="the text field of .jsonl rows")
-    calib.add_argument("--calib-samples", type=at_least(1), default=data_defaults.samples,
+    calib.add_argument("--calib-samples", type=flag_type(DataConfig, "samples"), default=data_defaults.samples,
                        help="calibration windows (more: steadier ranges, longer runs)")
-    calib.add_argument("--calib-seq-len", type=at_least(2), default=data_defaults.seq_len,
+    calib.add_argument("--calib-seq-len", type=flag_type(DataConfig, "seq_len"), default=data_defaults.seq_len,
                        help="tokens per window (capped at the model's context)")
-    calib.add_argument("--eval-samples", type=at_least(1), default=data_defaults.eval_samples,
+    calib.add_argument("--eval-samples", type=flag_type(DataConfig, "eval_samples"),
+                       default=data_defaults.eval_samples,
                        help="held-out windows every accuracy gate measures on")
     calib.add_argument("--calib-seed", type=int, default=data_defaults.seed, help="seed of the window draw")
     calib.add_argument("--calib-chat", action="store_true", help="wrap samples in the model's chat template")
@@ -155,31 +147,35 @@ def build_parser() -> OneLineParser:
                        help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
-    calib.add_argument("--max-ppl-increase", type=at_least(0.0, float), default=defaults.max_ppl_increase,
+    calib.add_argument("--max-ppl-increase", default=defaults.max_ppl_increase,
+                       type=flag_type(calibrate.CalibrationConfig, "max_ppl_increase", float),
                        help="accuracy gate, percent perplexity increase over fp32")
-    calib.add_argument("--max-float-fraction", type=fraction, default=defaults.max_float_fraction,
+    calib.add_argument("--max-float-fraction", default=defaults.max_float_fraction,
+                       type=flag_type(calibrate.CalibrationConfig, "max_float_fraction", float),
                        help="the largest share of linear layers the search may return to float to meet the gate")
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
     pruning = parser.add_argument_group("structured pruning (before calibration)")
     pruning.add_argument("--prune", default="", help="explicit ratios, e.g. mlp=0.25,heads=0.1,layers=2")
-    pruning.add_argument("--prune-budget", type=above(0), default=None,
-                         help="plan the most pruning whose perplexity increase stays within this percent")
+    pruning.add_argument("--prune-budget", type=flag_type(prune.PruneConfig, "budget", float),
+                         default=None, help="plan the most pruning whose perplexity increase stays within this percent")
     pruning.add_argument("--prune-plan", default=None, help="apply a plan.json saved by an earlier prune stage")
-    pruning.add_argument("--prune-multiple", type=at_least(1), default=prune.PruneConfig.multiple,
+    pruning.add_argument("--prune-multiple", type=flag_type(prune.PruneConfig, "multiple"),
+                         default=prune.PruneConfig.multiple,
                          help="kept MLP widths are multiples of this")
-    pruning.add_argument("--prune-samples", type=at_least(prune.SEARCH_WINDOWS + 1),
+    pruning.add_argument("--prune-samples", type=prune.SAMPLES.parser(int),
                          default=prune.PruneConfig().data.samples,
                          help=f"calibration windows: the first {prune.SEARCH_WINDOWS} judge the budget search and "
                               "the repair, the others give the activation energies")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
-    pruning.add_argument("--distill-steps", type=at_least(0), default=0,
+    pruning.add_argument("--distill-steps", type=flag_type(distill.DistillConfig, "steps"), default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
-    pruning.add_argument("--heal-budget", type=above(0), default=None,
+    pruning.add_argument("--heal-budget", type=HEAL_BUDGET.parser(float), default=None,
                          help="with --prune-budget and --distill-steps: the perplexity increase the plan may "
                               f"reach before healing (default {HEAL_BUDGET_FACTOR:g}x --prune-budget); the healed "
                               "model must still fit --prune-budget")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--threads", type=at_least(1), default=defaults.threads,
+    engine.add_argument("--threads", type=flag_type(ort_engine.EngineConfig, "threads"),
+                        default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
     engine.add_argument("--provider", default=ort_engine.EngineConfig.provider, choices=tuple(ort_engine.PROVIDERS),
                         help="ONNX Runtime execution provider")
@@ -187,11 +183,14 @@ def build_parser() -> OneLineParser:
                         help="keep the exported attention instead of GroupQueryAttention")
     trt_defaults = trt_engine.TrtConfig()
     trt = parser.add_argument_group("TensorRT (--backend trt)")
-    trt.add_argument("--max-batch", type=at_least(1), default=trt_defaults.max_batch,
+    trt.add_argument("--max-batch", type=flag_type(trt_engine.TrtConfig, "max_batch"),
+                     default=trt_defaults.max_batch,
                      help="the most sequences one run of the plan takes")
-    trt.add_argument("--max-seq", type=int, default=trt_defaults.max_seq, help="longest past + new sequence")
+    trt.add_argument("--max-seq", type=flag_type(trt_engine.TrtConfig, "max_seq"),
+                     default=trt_defaults.max_seq, help="longest past + new sequence")
     trt.add_argument("--opt-seq", type=int, default=trt_defaults.opt_seq, help="prefill length to tune for")
-    trt.add_argument("--workspace-gb", type=above(0), default=trt_defaults.workspace_gb,
+    trt.add_argument("--workspace-gb", default=trt_defaults.workspace_gb,
+                     type=flag_type(trt_engine.TrtConfig, "workspace_gb", float),
                      help="GPU memory TensorRT may use for tactics while building")
     trt.add_argument("--version-compatible", action="store_true",
                      help="a plan later TensorRT versions can run (lean runtime inside)")
@@ -199,12 +198,9 @@ def build_parser() -> OneLineParser:
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    """The flags as frozen configs, each checking its own values as it is made, so every bad value is refused
+    here, before the first stage runs."""
     args = build_parser().parse_args(argv)
-    precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown or not precisions:
-        raise BadInputError(f"unknown precision {', '.join(unknown) or repr(args.precision)}; choose one or more "
-                            f"of: {', '.join(PRECISIONS)}")
     data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
                       seq_len=args.calib_seq_len, eval_samples=args.eval_samples, seed=args.calib_seed,
                       chat=args.calib_chat)
@@ -217,13 +213,6 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         threads=args.threads, data=data)
     if args.report:
         report.check_report_folder(Path(args.report))
-    chosen = [flag for flag, given in (("--prune", args.prune), ("--prune-budget", args.prune_budget is not None),
-                                       ("--prune-plan", args.prune_plan)) if given]
-    if len(chosen) > 1:
-        raise BadInputError(f"{' and '.join(chosen)} both choose what to prune; give one of them")
-    if args.distill_steps and not chosen:
-        raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
-                            "--prune-budget or --prune-plan")
     heal_budget = healing_budget(args)
     pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=heal_budget or args.prune_budget,
                                 plan_file=args.prune_plan, multiple=args.prune_multiple,
@@ -231,9 +220,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                                 data=replace(data, samples=args.prune_samples))
     tensorrt = trt_engine.TrtConfig(max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
                                     workspace_gb=args.workspace_gb, version_compatible=args.version_compatible)
-    trt_engine.validate(tensorrt)
     engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
                                             fuse_attention=not args.no_fuse_attention)
+    precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
                        pruning=pruning, distillation=distill.DistillConfig(
@@ -421,38 +410,14 @@ def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callab
     return reference
 
 
-def accuracy_text(metrics: dict) -> str:
-    if "distillation" in metrics:
-        figures = metrics["distillation"]
-        return (f"distilled {figures['steps']} steps: ppl {figures['perplexity_before']:.2f} -> "
-                f"{figures['perplexity_after']:.2f} (teacher {figures['perplexity_teacher']:.2f})")
-    if "parity" in metrics:
-        parity = metrics["parity"]
-        return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
-                f"{parity['greedy_matching']}/{parity['greedy_tokens']}")
-    if "verification" in metrics:
-        check = metrics["verification"]
-        return (f"vs fp32: ppl {check['perplexity_increase_percent']:+.2f}%, top-1 {check['top1_agreement']:.3f}, "
-                f"{check['logits']['statistic']}|dlogits| {check['logits'][check['logits']['statistic']]:.1e}")
-    if "plan" in metrics:
-        acc = metrics["accuracy"]
-        return (f"pruned {metrics['parameters_removed_percent']:.1f}% of parameters: ppl "
-                f"{acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}")
-    if "accuracy" in metrics:
-        acc = metrics["accuracy"]
-        return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
-                + (f"{len(metrics['kept_in_float'])} layers float" if "kept_in_float" in metrics
-                   else f"{metrics.get('float16_ops', 0)} ops float16"))
-    return "-"
-
-
 def summary_table(results: list[StageResult]) -> str:
     rows = [("stage", "artifact", "size", "time", "peak RSS", "accuracy")]
     for r in results:
         metrics = r.artifact.metrics
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss,
+                     accuracy.records_text(accuracy.records_of(metrics))))
     return report.format_rows(rows)
 
 
@@ -466,10 +431,11 @@ def comparison_table(results: list[StageResult]) -> str:
             continue
         if r.stage != ort_engine.STAGE:
             continue
-        check, cal = r.artifact.metrics.get("verification", {}), calibrated or {}
+        check, cal = accuracy.held_out(accuracy.records_of(r.artifact.metrics)), calibrated or {}
         rows.append((r.artifact.manifest.get("precision", "fp32"), r.artifact.id,
                      f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{check.get('perplexity_increase_percent', 0):+.2f}%", f"{check.get('top1_agreement', 1):.3f}",
+                     f"{check.perplexity_increase_percent:+.2f}%" if check else "-",
+                     f"{check.top1_agreement:.3f}" if check else "-",
                      str(len(cal.get("kept_in_float", []))) if cal else "-",
                      f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
         calibrated = None
@@ -540,9 +506,6 @@ def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
 
 
 def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
-    if config.pruning.plan_file and not Path(config.pruning.plan_file).is_file():
-        raise BadInputError(f"--prune-plan {config.pruning.plan_file} does not exist; pass the plan.json of a "
-                            "prune artifact")
     return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning),
                      lambda writer: prune.run(parent, writer, config.pruning, progress=progress))
 

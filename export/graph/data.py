@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.artifact import Artifact
 from runtime.errors import BadInputError
+from runtime.ranges import check_ranges, ranged
 from runtime.text import load_codec
 
 # Modules whose documentation forms the default text: prose-heavy, stable, present in every CPython.
@@ -35,6 +36,7 @@ DEFAULT_MODULES = (
 )
 EVAL_SHARE = 5  # one document in five is held out for evaluation
 TEACHER_DOMAIN = "teacher-answers"  # the held-out text the teacher wrote (export/teacher.py)
+MIN_SEQ_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,18 @@ class DataConfig:
     # The field of each JSON line (or dataset row) that holds the text.
     text_field: str = "text"
     # Calibration windows drawn from the calibration part; more windows, steadier ranges, longer runs.
-    samples: int = 64
-    # Tokens per window.
-    seq_len: int = 256
+    samples: int = ranged(64, "--calib-samples", low=1)
+    # Tokens per window (a window shorter than this gives perplexity too few tokens to mean anything).
+    seq_len: int = ranged(256, "--calib-seq-len", low=MIN_SEQ_LEN)
     # Evaluation windows (held-out text) for perplexity and top-1 agreement.
-    eval_samples: int = 16
+    eval_samples: int = ranged(16, "--eval-samples", low=1)
     # Seed of the window draw.
     seed: int = 0
     # Wrap each document in the model's chat template (for instruct models served through it).
     chat: bool = False
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -186,8 +191,6 @@ def within_context(config: DataConfig, facts: dict) -> DataConfig:
 
 def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     """Token windows for calibration (drawn with the seed) and evaluation (the first held-out windows)."""
-    if config.samples < 1 or config.seq_len < 8 or config.eval_samples < 1:
-        raise BadInputError("need --calib-samples >= 1, --calib-seq-len >= 8 and at least one evaluation sample")
     documents = default_documents() if config.source is None else user_documents(config)
     documents = {name: text for name, text in documents.items() if text.strip()}
     if not documents:
