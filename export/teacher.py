@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runtime.artifact import Artifact, ArtifactWriter
+from runtime.ranges import check_ranges, ranged
 
 STAGE = "teacher"
 GENERATIONS_FILE = "generations.jsonl"
@@ -77,7 +78,7 @@ SEED_PROMPTS = (
 @dataclass(frozen=True)
 class TeacherConfig:
     # Seed prompts answered (the first n of the built-in set); 0 turns teacher text off.
-    prompts: int = len(SEED_PROMPTS)
+    prompts: int = ranged(len(SEED_PROMPTS), "--teacher-prompts", low=0, high=len(SEED_PROMPTS))
     # Tokens per answer at most: long enough for a paragraph, short enough to generate in about a minute.
     max_new_tokens: int = 192
     # Sampling as a chat service would: varied text from the model's own distribution, without its tail.
@@ -86,7 +87,10 @@ class TeacherConfig:
     top_p: float = 0.95
     seed: int = 0
     # Prompts generated together (one left-padded batch through the runtime).
-    batch: int = 16
+    batch: int = ranged(16, "teacher batch", low=1)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def stage_config(config: TeacherConfig) -> dict[str, Any]:
@@ -123,7 +127,10 @@ def answer_prompts(export: Artifact, config: TeacherConfig, threads: int, progre
             group = prompts[first: first + config.batch]
             progress(f"[{STAGE}] answering prompts {first + 1}-{first + len(group)} of {len(prompts)}")
             ids = [codec.encode(codec.render_chat([{"role": "user", "content": p}])) for p in group]
-            sampling = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            context = export.model_facts.get("max_context")
+            room = config.max_new_tokens if not context else min(config.max_new_tokens, context - max(map(len, ids)))
+            sampling = GenerationConfig(max_new_tokens=max(1, room),
+                                        temperature=config.temperature,
                                         top_k=config.top_k, top_p=config.top_p, seed=config.seed + first)
             for prompt, tokens in zip(group, generate(session, ids, sampling).tokens):
                 generated += len(tokens)

@@ -77,7 +77,11 @@ def _is_right(probe: Probe, text: str) -> bool:
 
 
 def answer(session, codec) -> Answers:
-    """Every probe answered greedily, one batch, through the model's chat template."""
-    prompts = [codec.encode(codec.render_chat([{"role": "user", "content": probe.question}])) for probe in PROBES]
-    result = generate(session, prompts, GenerationConfig(max_new_tokens=ANSWER_TOKENS))
-    return Answers(tuple(codec.decode(tokens) for tokens in result.tokens))
+    """Every probe answered greedily through the model's chat template, one at a time: any engine runs batch 1
+    (a TensorRT plan may take no more), and no answer depends on another's padding."""
+    config = GenerationConfig(max_new_tokens=ANSWER_TOKENS)
+    texts = []
+    for probe in PROBES:
+        prompt = codec.encode(codec.render_chat([{"role": "user", "content": probe.question}]))
+        texts.append(codec.decode(generate(session, [prompt], config).tokens[0]))
+    return Answers(tuple(texts))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 
 import runtime
@@ -84,3 +87,55 @@ def test_teacher_text_splits_by_prompt_into_training_and_held_out_windows(chat_e
     assert len(samples.calibration) > len(samples.evaluation) > 0
     held_out = teacher_samples(generations[:-1], DataConfig(seq_len=16, samples=1000, eval_samples=1000), codec, [2])
     assert (held_out.evaluation == samples.evaluation[: len(held_out.evaluation)]).all()  # a new prompt moves none
+
+
+def test_a_gate_that_holds_on_one_domain_fails_on_another():
+    from export import distill
+    from runtime.errors import AccuracyError
+
+    windows = {"held-out": np.zeros((4, 8)), "teacher-answers": np.zeros((2, 8))}
+    teacher_ppl = {"held-out": 10.0, "teacher-answers": 10.0}
+    healed = {"held-out": 10.2, "teacher-answers": 11.5}  # +2% in domain, +15% beyond it
+    gate = distill.DistillConfig(steps=1, max_increase=5.0)
+    with pytest.raises(AccuracyError, match=r"\+15\.00% on teacher-answers"):
+        distill.healed_records(healed, teacher_ppl, windows, gate)
+    records = distill.healed_records(healed, teacher_ppl, windows, replace(gate, allow_accuracy_loss=True))
+    assert [(r.domain, r.passed) for r in records] == [("held-out", True), ("teacher-answers", False)]
+    assert "on teacher-answers" in records[1].text() and records[1].text().endswith("missed")
+
+
+def test_the_worst_domain_is_what_a_search_judges():
+    from runtime.accuracy import Evaluation, domain_records, worst_increase
+
+    def evaluation(perplexity):
+        return Evaluation(perplexity, [np.zeros(3, np.int32)])
+
+    reference = {"held-out": evaluation(10.0), "teacher-answers": evaluation(20.0)}
+    candidate = {"held-out": evaluation(10.1), "teacher-answers": evaluation(22.0)}
+    assert worst_increase(candidate, reference) == pytest.approx(10.0)
+    records = domain_records("calibrate", "fp32", candidate, reference, limit=3.0)
+    assert [r.passed for r in records] == [True, False]
+
+
+def test_balanced_mix_takes_half_of_each_domain_whatever_their_sizes():
+    from export.graph.data import balanced_mix
+
+    docs, answers = np.arange(10)[:, None] * np.ones((1, 4), np.int64), -np.arange(1, 3)[:, None] * np.ones((1, 4),
+                                                                                                              np.int64)
+    mixed = balanced_mix(docs, answers)
+    assert len(mixed) == len(docs)
+    assert (mixed[0::2, 0] == np.arange(5)).all() and (mixed[1::2, 0] == [-1, -2, -1, -2, -1]).all()
+
+
+def test_a_chat_model_build_reports_every_gate_on_both_domains_and_the_behaviour_check(chat_export):
+    """The tiny chat model's fp32 build: the teacher stage answers, and the engine's records cover the held-out
+    text, the teacher's answers and the behaviour probes (an fp32 engine answers exactly as its export)."""
+    from runtime import accuracy as acc
+
+    store = chat_export.path.parent
+    teacher_artifacts = [p for p in store.iterdir() if p.name.startswith("teacher-")]
+    assert len(teacher_artifacts) == 1
+    records = acc.records_of(chat_export.metrics)
+    assert {r.domain for r in records} == {"held-out", "teacher-answers", "behaviour probes"}
+    behaviour_record = next(r for r in records if r.domain == "behaviour probes")
+    assert behaviour_record.answer_agreement == 1.0 and behaviour_record.passed

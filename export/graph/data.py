@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.accuracy import HELD_OUT
 from runtime.artifact import Artifact
 from runtime.errors import BadInputError
 from runtime.ranges import check_ranges, ranged
@@ -246,3 +247,31 @@ def verification_windows(export: Artifact, data: DataConfig) -> np.ndarray:
         return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
     rng = np.random.default_rng(data.seed)
     return rng.integers(0, facts["vocab_size"], size=(data.eval_samples, min(data.seq_len, 64)), dtype=np.int64)
+
+
+def balanced_mix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """As many windows as `first` has, alternately from each set: half the text a stage fits on comes from
+    each domain, whatever their sizes (the shorter set's windows repeat)."""
+    count = len(first)
+    mixed = np.empty_like(first)
+    mixed[0::2] = first[: (count + 1) // 2]
+    mixed[1::2] = second[np.arange(count // 2) % len(second)]
+    return mixed
+
+
+def stage_text(config: DataConfig, artifact: Artifact, generations: list[dict[str, str]] | None,
+               fit_on_teacher: bool) -> tuple[SampleSet, dict[str, np.ndarray]]:
+    """A stage's text: the windows it fits on (the calibration text's, half of them the teacher's training
+    answers when `fit_on_teacher`) and the held-out windows its gate measures on, by domain (the calibration
+    text's, and the teacher's held-out answers where there are any)."""
+    facts = artifact.model_facts
+    config = within_context(config, facts)
+    codec = load_codec(artifact)
+    samples = load_samples(config, codec, facts["eos_token_ids"])
+    domains = {HELD_OUT: samples.evaluation}
+    if generations:
+        teacher = teacher_samples(generations, config, codec, facts["eos_token_ids"])
+        domains[TEACHER_DOMAIN] = teacher.evaluation
+        if fit_on_teacher:
+            samples = replace(samples, calibration=balanced_mix(samples.calibration, teacher.calibration))
+    return samples, domains
