@@ -48,6 +48,7 @@ from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputEr
 from runtime.progress import Ticker
 from runtime.ranges import Range, check_ranges, range_of, ranged
 from runtime.session import SessionOptions
+from runtime.speculative import PAIRED_DRAFT
 
 # Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
 PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
@@ -89,6 +90,10 @@ class BuildConfig:
     distill_data: str | None = None
     # The behaviour check's gate: the least share of probes an engine must answer as the unpruned model does.
     min_answer_agreement: float | None = ranged(None, "--min-answer-agreement", low=0, high=1)
+    # A draft for speculative decoding, built from the same export: pruning ratios (dropped layers, narrower
+    # MLPs) healed by `draft_steps` of distillation; its engine is recorded in every engine the build makes.
+    draft: tuple[tuple[str, float], ...] = ()
+    draft_steps: int = ranged(200, "--draft-steps", low=0)
 
     def __post_init__(self):
         check_ranges(self)
@@ -193,6 +198,12 @@ def build_parser() -> OneLineParser:
     pruning.add_argument("--distill-data", default=None,
                          help="your own text for distillation (.txt, folder of .txt, .jsonl with --calib-field): "
                               "mixed into its training windows; its held-out part is a domain the healing gate checks")
+    pruning.add_argument("--draft", default="",
+                         help="also build a draft for speculative decoding from the same export, pruned by these "
+                              "ratios (e.g. layers=20,mlp=0.25) and healed by --draft-steps of distillation; the "
+                              "engines record it, and `--speculative draft` uses it")
+    pruning.add_argument("--draft-steps", type=flag_type(BuildConfig, "draft_steps"), default=BuildConfig.draft_steps,
+                         help="distillation steps healing the draft against the unpruned model")
     pruning.add_argument("--teacher-prompts", type=flag_type(teacher_text.TeacherConfig, "prompts"),
                          default=teacher_text.TeacherConfig.prompts,
                          help="built-in prompts the unpruned model answers (a second held-out text domain for every "
@@ -264,7 +275,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
                        bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen,
                        teacher=teacher_text.TeacherConfig(prompts=args.teacher_prompts), distill_data=args.distill_data,
-                       min_answer_agreement=args.min_answer_agreement)
+                       min_answer_agreement=args.min_answer_agreement, draft=prune.parse_ratios(args.draft),
+                       draft_steps=args.draft_steps)
 
 
 def healing_budget(args) -> float | None:
@@ -453,11 +465,13 @@ def verification_config(config: BuildConfig, teacher: TeacherText) -> dict:
 
 
 def run_engine(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline], backend: str,
-               teacher: TeacherText) -> StageResult:
+               teacher: TeacherText, draft: artifacts.Artifact | None = None) -> StageResult:
     if backend == "ort":
         ort_engine.check_provider(config.engine.provider)
     stage_config = (trt_engine.stage_config(config.tensorrt) if backend == "trt"
                     else ort_engine.stage_config(config.engine)) | verification_config(config, teacher)
+    if draft is not None:  # the pair is part of what the engine is: runtime.open finds the draft through it
+        stage_config[PAIRED_DRAFT] = draft.id
 
     def build(writer, check):
         if backend == "trt":
@@ -551,6 +565,11 @@ def build(config: BuildConfig) -> list[StageResult]:
     answered = run_teacher(config, export.artifact)
     results += [answered] if answered else []
     teacher = TeacherText(answered.artifact if answered else None)
+    draft = None
+    if config.draft:
+        draft_results = build_draft(config, export.artifact, teacher, backend)
+        results += draft_results
+        draft = draft_results[-1].artifact
     float_graph = export
     if config.pruning.wanted():
         float_graph = run_prune(config, export.artifact, teacher)
@@ -567,7 +586,33 @@ def build(config: BuildConfig) -> list[StageResult]:
         elif precision == "fp16":
             parent = run_fp16(config, float_graph.artifact, baseline, teacher)
             results.append(parent)
-        results.append(run_engine(config, parent.artifact, baseline, backend, teacher))
+        results.append(run_engine(config, parent.artifact, baseline, backend, teacher, draft))
+    return results
+
+
+def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: TeacherText, backend: str
+                ) -> list[StageResult]:
+    """The draft's stages: the export pruned by `config.draft`, healed by distillation against the unpruned model
+    (no budget: a draft is judged by the speed-up it gives, not its perplexity), in the build's first precision.
+    Its engine is verified against its own float graph, without the behaviour gate."""
+    progress(f"[draft] pruning {dict(config.draft)} for a speculative-decoding draft")
+    settings = replace(config, pruning=prune.PruneConfig(ratios=config.draft, multiple=config.pruning.multiple,
+                                                         threads=config.pruning.threads, data=config.pruning.data),
+                       distillation=replace(config.distillation, steps=config.draft_steps, max_increase=None),
+                       min_answer_agreement=None)
+    results = [run_prune(settings, export, teacher)]
+    if settings.distillation.steps:
+        results.append(run_distill(settings, results[-1].artifact, teacher))
+    float_graph = results[-1].artifact
+    precision = config.precisions[0]
+    parent = float_graph
+    if precision in calibrate.PRECISIONS:
+        results.append(run_calibrate(settings, float_graph, precision, teacher))
+        parent = results[-1].artifact
+    elif precision == "fp16":
+        results.append(run_fp16(settings, float_graph, baseline_of(float_graph, export, settings, teacher), teacher))
+        parent = results[-1].artifact
+    results.append(run_engine(settings, parent, baseline_of(float_graph, export, settings, teacher), backend, teacher))
     return results
 
 

@@ -276,8 +276,14 @@ def test_speculation_runs_a_request_alone_and_keeps_its_greedy_output(engine, re
         service.close()
 
 
-def test_speculation_flags_are_checked_before_anything_loads():
-    with pytest.raises(BadInputError, match="--speculative draft needs --draft"):
-        ServiceConfig(speculative="draft").validate()
+def test_speculation_settings_that_cannot_work_are_refused(engine):
     with pytest.raises(BadInputError, match="unknown speculative method"):
         ServiceConfig(speculative="medusa").validate()
+    with pytest.raises(BadInputError, match="--draft is for --speculative draft"):
+        ServiceConfig(speculative="ngram", draft=str(engine.path)).validate()
+    session = runtime.open(engine, SessionOptions(threads=1))
+    try:
+        with pytest.raises(BadInputError, match="has no draft built with it"):
+            Service(session, replace(SMALL, speculative="draft"))
+    finally:
+        session.close()
