@@ -457,21 +457,21 @@ class _Continuous:
         if alone is not None and alone.speculation is not None and self._speculate(alone):
             return
         started = time.perf_counter()
-        rows = max(s.index for s in running) + 1
-        ids = np.zeros((rows, 1), np.int64)
-        lengths = np.zeros(rows, np.int64)
-        for slot in self.slots[:rows]:
+        first, end = min(s.index for s in running), max(s.index for s in running) + 1  # the busy rows' range
+        ids = np.zeros((end - first, 1), np.int64)
+        lengths = np.zeros(end - first, np.int64)
+        for slot in self.slots[first:end]:
             # A slot mid-prefill runs along at its own length: the position it writes is its next chunk's first.
-            lengths[slot.index] = slot.length
+            lengths[slot.index - first] = slot.length
         for slot in running:
-            ids[slot.index, 0] = slot.next_token
-        logits = self.session.run_slots(0, ids, lengths)[:, 0]
+            ids[slot.index - first, 0] = slot.next_token
+        logits = self.session.run_slots(first, ids, lengths)[:, 0]
         greedy = logits.argmax(axis=-1)
         if alone is not None and alone.speculation is not None:  # the time a speculative round must beat
             alone.speculation.governor.record_plain((time.perf_counter() - started) * 1000)
         for slot in running:
             slot.length += 1
-            self._accept(slot, logits[slot.index], int(greedy[slot.index]))
+            self._accept(slot, logits[slot.index - first], int(greedy[slot.index - first]))
 
     def _speculate(self, slot: _Slot) -> bool:
         """One speculative round for a sequence running alone: drafts after its last token, checked in one run
