@@ -139,7 +139,9 @@ def parent_increase(parent: Artifact, reference: Reference) -> float:
         return 0.0
     record = next((r for r in accuracy.records_of(parent.metrics) if r.domain == reference.domain), None)
     increase = record.perplexity_increase_percent if record else None
-    return increase or 0.0
+    # A parent that measured better than float (int8 can, on a few windows) grants nothing below zero: the engine
+    # is held to float32 plus the slack, not to the parent's luck.
+    return max(increase or 0.0, 0.0)
 
 
 def compare_logits(reference: Artifact, engine: Artifact, windows: np.ndarray, precision: str,

@@ -209,6 +209,7 @@ def gate(perplexity: float, reference: float, domain: str = "held-out") -> dict:
     ({"accuracy": [gate(11.0, 10.0)]}, True, 0.0),  # the reference graph itself
     ({"accuracy": [gate(11.0, 10.0, "code")]}, False, 0.0),  # nothing measured on the held-out text
     ({"distillation": {}}, False, 0.0),  # no gate recorded
+    ({"accuracy": [gate(9.9, 10.0)]}, False, 0.0),  # a parent better than float grants nothing below zero
 ])
 def test_the_parents_allowance_is_its_own_gates_figure_whatever_windows_the_reference_used(
         tmp_path, parent_metrics, parent_is_reference, expected):
