@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from export.graph import stats
-from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.data import DataConfig, stage_text
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
@@ -39,7 +39,6 @@ from runtime import accuracy
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
 from runtime.ranges import check_ranges, ranged
-from runtime.text import load_codec
 
 STAGE = "calibrate"
 PRECISIONS = ("int8", "int8-weight-only", "int4")
@@ -128,27 +127,32 @@ def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str
 @dataclass
 class Candidate:
     kept: list[str]
-    evaluation: accuracy.Evaluation
+    evaluations: dict[str, accuracy.Evaluation]  # by text domain
+    increase: float  # the largest perplexity increase over the domains
     path: Path
 
 
-def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, progress=print) -> Artifact:
+def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, generations: list[dict] | None = None,
+        progress=print) -> Artifact:
+    """The Q/DQ (or weight-only) graph of `parent`, ranges from the calibration text; its gate holds on every
+    held-out domain (`generations`: the teacher's answers, a second domain)."""
     started = time.perf_counter()
     facts = parent.model_facts
     layers = facts["linear_layers"]
     check_layers(config, layers)
-    samples = load_samples(within_context(config.data, facts), load_codec(parent), facts["eos_token_ids"])
+    samples, domains = stage_text(config.data, parent, generations, fit_on_teacher=False)
     with writer.working_folder() as work:
-        progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")
-        reference = accuracy.evaluate_model(parent.file(MODEL_FILE), facts, samples.evaluation, config.threads)
+        progress("[calibrate] fp32 reference on held-out windows: "
+                 + ", ".join(f"{len(w)} of {name}" for name, w in domains.items()))
+        reference = evaluate_on(parent.file(MODEL_FILE), facts, domains, config.threads)
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
-        chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
+        chosen, tried = _search(model_path, activation_scales, sensitivity, reference, domains, config, facts,
                                 work, progress)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         writer.copy_text_files(parent)
     metrics = {
-        "accuracy": accuracy.as_metrics([accuracy.AccuracyRecord.of(STAGE, "fp32", chosen.evaluation, reference,
-                                                                    limit=config.max_ppl_increase)]),
+        "accuracy": accuracy.as_metrics(accuracy.domain_records(STAGE, "fp32", chosen.evaluations, reference,
+                                                                limit=config.max_ppl_increase)),
         "data": samples.source,
         "kept_in_float": chosen.kept,
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
@@ -253,7 +257,13 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
     return destination
 
 
-def _search(model_path, scales, sensitivity, reference, samples, config, facts, work, progress):
+def evaluate_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
+                ) -> dict[str, accuracy.Evaluation]:
+    return accuracy.evaluate_domains(lambda windows: accuracy.evaluate_model(model_path, facts, windows, threads),
+                                     domains)
+
+
+def _search(model_path, scales, sensitivity, reference, domains, config, facts, work, progress):
     """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
     weight_only = weight_only_layers(config, facts["linear_layers"])
     layers = [name for name in sensitivity if name not in weight_only]  # most sensitive first
@@ -267,18 +277,20 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
     for extra in extra_counts:
         kept = base + [name for name in layers if name not in base][:extra]
         path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision)
-        evaluation = accuracy.evaluate_model(path, facts, samples.evaluation, config.threads)
-        increase, agreement = evaluation.increase_over(reference), evaluation.agreement(reference)
+        evaluations = evaluate_on(path, facts, domains, config.threads)
+        increase = accuracy.worst_increase(evaluations, reference)
+        held_out = evaluations[accuracy.HELD_OUT]
+        agreement = held_out.agreement(reference[accuracy.HELD_OUT])
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
                       "top1_agreement": agreement})
-        progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}%, top-1 agreement "
-                 f"{agreement:.3f}")
-        candidate = Candidate(kept, evaluation, path)
-        if best is None or evaluation.perplexity < best.evaluation.perplexity:
+        progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}% (worst domain), top-1 "
+                 f"agreement {agreement:.3f}")
+        candidate = Candidate(kept, evaluations, increase, path)
+        if best is None or increase < best.increase:
             best = candidate
         if increase <= config.max_ppl_increase:
             return candidate, tried
-    increase = best.evaluation.increase_over(reference)
+    increase = best.increase
     if not config.allow_accuracy_loss:
         worst = ", ".join(sensitivity[:5])
         raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {increase:+.1f}% (limit "

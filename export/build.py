@@ -20,19 +20,35 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
+import runtime
 from calibration import calibrate
 from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
-from engines.verify import Reference, verify
+from engines.verify import Baseline, Reference, verify
 from export import distill, onnx_export, prune, report
-from export.graph.data import DataConfig, load_samples, user_documents, verification_windows, within_context
+from export import teacher as teacher_text
+from export.graph.data import (
+    TEACHER_DOMAIN,
+    DataConfig,
+    balanced_mix,
+    split_windows,
+    stage_text,
+    teacher_samples,
+    user_documents,
+    verification_windows,
+    within_context,
+)
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
-from runtime import accuracy
+from runtime import accuracy, behaviour
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 from runtime.progress import Ticker
 from runtime.ranges import Range, check_ranges, range_of, ranged
+from runtime.session import SessionOptions
+from runtime.speculative import PAIRED_DRAFT
 
 # Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
 PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
@@ -66,13 +82,25 @@ class BuildConfig:
     tensorrt: trt_engine.TrtConfig = field(default_factory=trt_engine.TrtConfig)
     pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
     distillation: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+    # The teacher's answers to built-in prompts (export/teacher.py): a second held-out domain for every gate,
+    # and half the text pruning and distillation fit on. Models without a chat template have none.
+    teacher: teacher_text.TeacherConfig = field(default_factory=teacher_text.TeacherConfig)
+    # The user's own text for distillation (a .txt, a folder of them or a .jsonl, as --calib-data): mixed into its
+    # training windows, and its held-out part a further domain of the healing gate.
+    distill_data: str | None = None
+    # The behaviour check's gate: the least share of probes an engine must answer as the unpruned model does.
+    min_answer_agreement: float | None = ranged(None, "--min-answer-agreement", low=0, high=1)
+    # A draft for speculative decoding, built from the same export: pruning ratios (dropped layers, narrower
+    # MLPs) healed by `draft_steps` of distillation; its engine is recorded in every engine the build makes.
+    draft: tuple[tuple[str, float], ...] = ()
+    draft_steps: int = ranged(200, "--draft-steps", low=0)
 
     def __post_init__(self):
         check_ranges(self)
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.precisions:
-            raise BadInputError(f"unknown precision {', '.join(unknown) or repr(','.join(self.precisions))}; choose "
-                                f"one or more of: {', '.join(PRECISIONS)}")
+            named = ", ".join(unknown) if unknown else "(none given)"
+            raise BadInputError(f"unknown precision {named}; choose one or more of: {', '.join(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise BadInputError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         if self.distillation.steps and not self.pruning.wanted():
@@ -169,6 +197,19 @@ def build_parser() -> OneLineParser:
                          help=f"calibration windows: the first {prune.SEARCH_WINDOWS} judge the budget search and "
                               "the repair, the others give the activation energies")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
+    pruning.add_argument("--distill-data", default=None,
+                         help="your own text for distillation (.txt, folder of .txt, .jsonl with --calib-field): "
+                              "mixed into its training windows; its held-out part is a domain the healing gate checks")
+    pruning.add_argument("--draft", default="",
+                         help="also build a draft for speculative decoding from the same export, pruned by these "
+                              "ratios (e.g. layers=20,mlp=0.25) and healed by --draft-steps of distillation; the "
+                              "engines record it, and `--speculative draft` uses it")
+    pruning.add_argument("--draft-steps", type=flag_type(BuildConfig, "draft_steps"), default=BuildConfig.draft_steps,
+                         help="distillation steps healing the draft against the unpruned model")
+    pruning.add_argument("--teacher-prompts", type=flag_type(teacher_text.TeacherConfig, "prompts"),
+                         default=teacher_text.TeacherConfig.prompts,
+                         help="built-in prompts the unpruned model answers (a second held-out text domain for every "
+                              "gate, and half of what pruning and distillation fit on); 0: none")
     pruning.add_argument("--distill-steps", type=flag_type(distill.DistillConfig, "steps"), default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
     pruning.add_argument("--heal-budget", type=HEAL_BUDGET.parser(float), default=None,
@@ -183,6 +224,9 @@ def build_parser() -> OneLineParser:
                         help="ONNX Runtime execution provider")
     engine.add_argument("--no-fuse-attention", action="store_true",
                         help="keep the exported attention instead of GroupQueryAttention")
+    engine.add_argument("--min-answer-agreement", type=flag_type(BuildConfig, "min_answer_agreement", float),
+                        default=None, help="fail an engine whose answers to the behaviour probes agree with the "
+                                           "unpruned model's on less than this share (0-1; default: report only)")
     trt_defaults = trt_engine.TrtConfig()
     trt = parser.add_argument_group("TensorRT (--backend trt)")
     trt.add_argument("--max-batch", type=flag_type(trt_engine.TrtConfig, "max_batch"),
@@ -231,7 +275,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                            steps=args.distill_steps, max_increase=args.prune_budget if heal_budget else None,
                            allow_accuracy_loss=args.allow_accuracy_loss),
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
-                       bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen)
+                       bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen,
+                       teacher=teacher_text.TeacherConfig(prompts=args.teacher_prompts), distill_data=args.distill_data,
+                       min_answer_agreement=args.min_answer_agreement, draft=prune.parse_ratios(args.draft),
+                       draft_steps=args.draft_steps)
 
 
 def healing_budget(args) -> float | None:
@@ -299,6 +346,7 @@ class Stage:
 
 
 EXPORT = Stage(onnx_export.STAGE, ("export.onnx_export", "export.models"))
+TEACHER = Stage(teacher_text.STAGE, ("export.teacher",))
 PRUNE = Stage(prune.STAGE, ("export.prune",))
 DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "export.graph.data"))
 CALIBRATE = Stage(calibrate.STAGE, ("calibration.calibrate",))
@@ -374,19 +422,58 @@ def run_export(config: BuildConfig) -> StageResult:
                      produce, record={"model": source.spec})
 
 
-def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str) -> StageResult:
+@dataclass(frozen=True)
+class TeacherText:
+    """The teacher stage's answers, as the stages that use them take them."""
+
+    artifact: artifacts.Artifact | None = None
+
+    @functools.cached_property
+    def generations(self) -> list[dict] | None:
+        return teacher_text.conversations(self.artifact) if self.artifact is not None else None
+
+    def identity(self) -> dict:
+        """What enters the ids of the stages that read the answers."""
+        return {"teacher": self.artifact.id} if self.artifact is not None else {}
+
+
+def run_teacher(config: BuildConfig, export: artifacts.Artifact) -> StageResult | None:
+    """The teacher's answers, for a model with a chat template (None without one, or with --teacher-prompts 0)."""
+    if not config.teacher.prompts or not has_chat_template(export):
+        return None
+    return run_stage(config.out, TEACHER, export.id, teacher_text.stage_config(config.teacher),
+                     lambda writer: teacher_text.run(export, writer, config.teacher, config.engine.threads,
+                                                     progress=progress))
+
+
+def has_chat_template(art: artifacts.Artifact) -> bool:
+    from runtime.text import load_codec
+
+    return "tokenizer.json" in art.manifest["files"] and bool(load_codec(art).chat_template)
+
+
+def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str, teacher: TeacherText
+                  ) -> StageResult:
     calibration_config = replace(config.calibration, precision=precision)
-    return run_stage(config.out, CALIBRATE, parent.id, calibrate.stage_config(calibration_config),
-                     lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
+    return run_stage(config.out, CALIBRATE, parent.id, calibrate.stage_config(calibration_config) | teacher.identity(),
+                     lambda writer: calibrate.run(parent, writer, calibration_config, teacher.generations,
+                                                  progress=progress))
 
 
-def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference], backend: str
-               ) -> StageResult:
-    data = config.calibration.data
+def verification_config(config: BuildConfig, teacher: TeacherText) -> dict:
+    """What the fp16 and engine stages' gates depend on, for their ids."""
+    return {"verification_data": asdict(config.calibration.data),
+            "min_answer_agreement": config.min_answer_agreement} | teacher.identity()
+
+
+def run_engine(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline], backend: str,
+               teacher: TeacherText, draft: artifacts.Artifact | None = None) -> StageResult:
     if backend == "ort":
         ort_engine.check_provider(config.engine.provider)
     stage_config = (trt_engine.stage_config(config.tensorrt) if backend == "trt"
-                    else ort_engine.stage_config(config.engine)) | {"verification_data": asdict(data)}
+                    else ort_engine.stage_config(config.engine)) | verification_config(config, teacher)
+    if draft is not None:  # the pair is part of what the engine is: runtime.open finds the draft through it
+        stage_config[PAIRED_DRAFT] = draft.id
 
     def build(writer, check):
         if backend == "trt":
@@ -394,22 +481,38 @@ def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Calla
         return ort_engine.run(parent, writer, config.engine, verify=check, progress=progress)
 
     def produce(writer):
-        return build(writer, lambda engine: verify(engine, parent, reference()))
+        return build(writer, lambda engine: verify(engine, parent, baseline()))
 
     return run_stage(config.out, ENGINES[backend], parent.id, stage_config, produce)
 
 
-def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callable[[], Reference]:
-    """The float graph's held-out evaluation, computed at most once per build and only when a stage needs it
-    (every engine and the fp16 check compare against the same one)."""
+def baseline_of(float_graph: artifacts.Artifact, export: artifacts.Artifact, config: BuildConfig,
+                teacher: TeacherText) -> Callable[[], Baseline]:
+    """The float graph's evaluation on each held-out domain and the unpruned model's answers to the behaviour
+    probes, computed at most once per build and only when a stage needs them (every engine and the fp16 check
+    compare against the same)."""
 
     @functools.cache
-    def reference() -> Reference:
-        windows = verification_windows(float_graph, config.calibration.data)
-        progress(f"[reference] float32 evaluation on {len(windows)} held-out windows")
-        return Reference.of(float_graph, windows, config.engine.threads)
+    def baseline() -> Baseline:
+        from runtime.text import load_codec
 
-    return reference
+        domains = {accuracy.HELD_OUT: verification_windows(float_graph, config.calibration.data)}
+        if teacher.generations:
+            data, facts = within_context(config.calibration.data, float_graph.model_facts), float_graph.model_facts
+            domains[TEACHER_DOMAIN] = teacher_samples(teacher.generations, data, load_codec(float_graph),
+                                                      facts["eos_token_ids"]).evaluation
+        progress("[reference] float32 evaluation on " + ", ".join(f"{len(w)} windows of {name}"
+                                                                  for name, w in domains.items()))
+        references = tuple(Reference.of(float_graph, windows, config.engine.threads, name)
+                           for name, windows in domains.items())
+        answers = None
+        if has_chat_template(export):
+            progress(f"[reference] the unpruned model's answers to {len(behaviour.PROBES)} behaviour probes")
+            with runtime.open(export, SessionOptions(threads=config.engine.threads)) as session:
+                answers = behaviour.answer(session, load_codec(export))
+        return Baseline(references, answers, config.min_answer_agreement)
+
+    return baseline
 
 
 def summary_table(results: list[StageResult]) -> str:
@@ -456,60 +559,119 @@ def build(config: BuildConfig) -> list[StageResult]:
         ort_engine.check_provider(config.engine.provider)
     if config.calibration.data.source is not None:  # a wrong --calib-data is found before minutes of export
         user_documents(config.calibration.data)
+    if config.distill_data is not None:
+        user_documents(replace(config.calibration.data, source=config.distill_data))
     export = run_export(config)
     results = [export]
     return_freed_memory()
+    answered = run_teacher(config, export.artifact)
+    results += [answered] if answered else []
+    teacher = TeacherText(answered.artifact if answered else None)
+    draft = None
+    if config.draft:
+        draft_results = build_draft(config, export.artifact, teacher, backend)
+        results += draft_results
+        draft = draft_results[-1].artifact
     float_graph = export
     if config.pruning.wanted():
-        float_graph = run_prune(config, export.artifact)
+        float_graph = run_prune(config, export.artifact, teacher)
         results.append(float_graph)
         if config.distillation.steps:
-            float_graph = run_distill(config, float_graph.artifact)
+            float_graph = run_distill(config, float_graph.artifact, teacher)
             results.append(float_graph)
-    reference = reference_of(float_graph.artifact, config)
+    baseline = baseline_of(float_graph.artifact, export.artifact, config, teacher)
     for precision in config.precisions:
         parent = float_graph
         if precision in calibrate.PRECISIONS:
-            parent = run_calibrate(config, float_graph.artifact, precision)
+            parent = run_calibrate(config, float_graph.artifact, precision, teacher)
             results.append(parent)
         elif precision == "fp16":
-            parent = run_fp16(config, float_graph.artifact, reference)
+            parent = run_fp16(config, float_graph.artifact, baseline, teacher)
             results.append(parent)
-        results.append(run_engine(config, parent.artifact, reference, backend=backend))
+        results.append(run_engine(config, parent.artifact, baseline, backend, teacher, draft))
     return results
 
 
-def run_fp16(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference]) -> StageResult:
-    data = config.calibration.data
+def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: TeacherText, backend: str
+                ) -> list[StageResult]:
+    """The draft's stages: the export pruned by `config.draft`, healed by distillation against the unpruned model
+    (no budget: a draft is judged by the speed-up it gives, not its perplexity), in the build's first precision.
+    Its engine is verified against its own float graph, without the behaviour gate."""
+    progress(f"[draft] pruning {dict(config.draft)} for a speculative-decoding draft")
+    settings = replace(config, pruning=prune.PruneConfig(ratios=config.draft, multiple=config.pruning.multiple,
+                                                         threads=config.pruning.threads, data=config.pruning.data),
+                       distillation=replace(config.distillation, steps=config.draft_steps, max_increase=None),
+                       min_answer_agreement=None)
+    results = [run_prune(settings, export, teacher)]
+    if settings.distillation.steps:
+        results.append(run_distill(settings, results[-1].artifact, teacher))
+    float_graph = results[-1].artifact
+    precision = config.precisions[0]
+    parent = float_graph
+    if precision in calibrate.PRECISIONS:
+        results.append(run_calibrate(settings, float_graph, precision, teacher))
+        parent = results[-1].artifact
+    elif precision == "fp16":
+        results.append(run_fp16(settings, float_graph, baseline_of(float_graph, export, settings, teacher), teacher))
+        parent = results[-1].artifact
+    results.append(run_engine(settings, parent, baseline_of(float_graph, export, settings, teacher), backend, teacher))
+    return results
 
+
+def run_fp16(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline],
+             teacher: TeacherText) -> StageResult:
     def produce(writer):
-        return fp16.run(parent, writer, reference(), allow_loss=config.calibration.allow_accuracy_loss,
+        return fp16.run(parent, writer, baseline(), allow_loss=config.calibration.allow_accuracy_loss,
                         progress=progress)
 
-    return run_stage(config.out, FP16, parent.id, {"verification_data": asdict(data)}, produce)
+    return run_stage(config.out, FP16, parent.id, verification_config(config, teacher), produce)
 
 
-def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
+def run_distill(config: BuildConfig, pruned: artifacts.Artifact, teacher: TeacherText) -> StageResult:
     from export.graph.pruning import PrunePlan
-    from runtime.text import load_codec
 
     source = resolve(config.model, trust_remote_code=config.trust_remote_code)
     settings = config.distillation
 
     def produce(writer):
+        train, domains = distillation_text(config, pruned, teacher)
+        model, tokenizer = load_model(source), load_tokenizer(source)
+        return distill.run(model, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), train, domains, writer,
+                           settings, config.export, progress=progress)
+
+    identity = distill.stage_config(settings) | teacher.identity() | {"distill_data": config.distill_data}
+    return run_stage(config.out, DISTILL, pruned.id, identity, produce)
+
+
+DISTILL_DATA_DOMAIN = "distill-data"  # the held-out part of --distill-data
+
+
+def distillation_text(config: BuildConfig, pruned: artifacts.Artifact, teacher: TeacherText
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The windows distillation trains on (the calibration text and the teacher's answers half and half; with
+    --distill-data, that mix and the user's text half and half) and the held-out windows, by domain, its gate
+    checks."""
+    from runtime.text import load_codec
+
+    settings = config.distillation
+    data = replace(config.calibration.data, samples=settings.samples, seq_len=settings.seq_len)
+    samples, domains = stage_text(data, pruned, teacher.generations, fit_on_teacher=True)
+    train = samples.calibration
+    if config.distill_data:
         facts = pruned.model_facts
-        data = replace(config.calibration.data, samples=settings.samples, seq_len=settings.seq_len)
-        samples = load_samples(within_context(data, facts), load_codec(pruned), facts["eos_token_ids"])
-        teacher, tokenizer = load_model(source), load_tokenizer(source)
-        return distill.run(teacher, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), samples.calibration,
-                           samples.evaluation, writer, settings, config.export, progress=progress)
+        documents = user_documents(replace(data, source=config.distill_data))
+        own, held_out = split_windows(documents, within_context(data, facts).seq_len, load_codec(pruned),
+                                      facts["eos_token_ids"])
+        if not len(own) or not len(held_out):
+            raise BadInputError(f"--distill-data {config.distill_data} gives {len(own)} training and {len(held_out)} "
+                                f"held-out windows of {settings.seq_len} tokens; pass more text")
+        train, domains[DISTILL_DATA_DOMAIN] = balanced_mix(train, own), held_out[: data.eval_samples]
+    return train, domains
 
-    return run_stage(config.out, DISTILL, pruned.id, distill.stage_config(settings), produce)
 
-
-def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
-    return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning),
-                     lambda writer: prune.run(parent, writer, config.pruning, progress=progress))
+def run_prune(config: BuildConfig, parent: artifacts.Artifact, teacher: TeacherText) -> StageResult:
+    return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning) | teacher.identity(),
+                     lambda writer: prune.run(parent, writer, config.pruning, teacher.generations, progress=progress))
 
 
 def return_freed_memory() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from export.graph import stats
-from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.data import DataConfig, stage_text
 from export.graph.linear import bias_value, linear_nodes, set_constant, weight_axis
 from export.graph.pruning import (
     Block,
@@ -45,7 +45,6 @@ from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.contract import cache_layer
 from runtime.errors import BadInputError
 from runtime.ranges import Range, check_ranges, ranged
-from runtime.text import load_codec
 
 STAGE = "prune"
 # The budget search (group testing on the masked graph): windows it measures on, its first and largest
@@ -413,11 +412,15 @@ def build_repaired(source: Path, plan: PrunePlan, energies, facts: dict, destina
     return plain, 0
 
 
-def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=print) -> Artifact:
+def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, generations: list[dict] | None = None,
+        progress=print) -> Artifact:
+    """The pruned graph. Importance, the budget search and the repair fit on the calibration text mixed half and
+    half with the teacher's answers (`generations`) where there are any, so the plan is chosen for the model's
+    whole use; the budget is checked on every held-out domain."""
     started = time.perf_counter()
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
-    samples = load_samples(within_context(config.data, facts), load_codec(parent), facts["eos_token_ids"])
+    samples, domains = stage_text(config.data, parent, generations, fit_on_teacher=True)
     graph_model = ir.load(str(source))
     try:
         blocks = find_blocks(graph_model.graph)
@@ -432,12 +435,13 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
             progress(f"[prune] activation energies of {len(blocks)} layers on {len(fitting)} windows")
             energies = measure(source, blocks, fitting, facts, config.threads, scratch=work)
             all_units = units(blocks, energies, facts, config.multiple)
-            reference = accuracy.evaluate_model(source, facts, samples.evaluation, config.threads)
-            plan, tried = choose_plan(config, all_units, blocks, facts, source, samples, reference, work, progress)
+            reference = evaluate_on(source, facts, domains, config.threads)
+            plan, tried = choose_plan(config, all_units, blocks, facts, source, samples, domains, reference, work,
+                                      progress)
             model, refit = build_repaired(source, plan, energies, facts, writer.dir / MODEL_FILE, config,
                                           samples.calibration[:SEARCH_WINDOWS], work, progress)
-            evaluation = accuracy.evaluate_model(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model),
-                                                 samples.evaluation, config.threads)
+            evaluations = evaluate_on(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model), domains,
+                                      config.threads)
     except PruningError as exc:
         raise BadInputError(str(exc)) from None
     writer.copy_text_files(parent)
@@ -451,8 +455,8 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, progress=
         "flops_per_token_before": 2 * before, "flops_per_token_after": 2 * after,
         # The budget steers the plan (on the search windows) and fails nothing; the record says whether the
         # held-out windows kept to it.
-        "accuracy": accuracy.as_metrics([accuracy.AccuracyRecord.of(STAGE, "parent", evaluation, reference,
-                                                                    limit=config.budget)]),
+        "accuracy": accuracy.as_metrics(accuracy.domain_records(STAGE, "parent", evaluations, reference,
+                                                                limit=config.budget)),
         "repaired_layers": refit, "tried": tried,
         "prune_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -491,26 +495,33 @@ def load_plan(path: str, facts: dict) -> PrunePlan:
     return PrunePlan.from_json(record["plan"])
 
 
-def choose_plan(config, all_units, blocks, facts, source, samples, reference, work, progress):
+def evaluate_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
+                ) -> dict[str, accuracy.Evaluation]:
+    return accuracy.evaluate_domains(lambda windows: accuracy.evaluate_model(model_path, facts, windows, threads),
+                                     domains)
+
+
+def choose_plan(config, all_units, blocks, facts, source, samples, domains, reference, work, progress):
     if config.plan_file:
         return load_plan(config.plan_file, facts), []
     if config.ratios:
         return ratio_plan(dict(config.ratios), all_units, blocks, facts, config.multiple), []
-    return budget_search(config, all_units, blocks, facts, source, samples, reference, work, progress)
+    return budget_search(config, all_units, blocks, facts, source, samples, domains, reference, work, progress)
 
 
-def budget_search(config, all_units, blocks, facts, source, samples, reference, work, progress):
+def budget_search(config, all_units, blocks, facts, source, samples, domains, reference, work, progress):
     """The most units whose measured perplexity increase fits the budget: grown by group testing on
-    calibration windows, then cut back from its end until it fits on the held-out windows too."""
+    calibration windows, then cut back from its end until it fits on every held-out domain too."""
     masked = MaskedModel(source, facts, work / "masked.onnx", config.threads)
     search_windows = samples.calibration[:SEARCH_WINDOWS]
     base = masked.evaluate([], search_windows)
     layer_params = max(1, sum(u.params for u in all_units if u.kind == "layers"))
     tried: list[dict] = []
 
-    def measure_on(windows: np.ndarray, baseline: accuracy.Evaluation, held_out: bool):
+    def measure_on(windows: dict[str, np.ndarray], baseline: dict[str, accuracy.Evaluation], held_out: bool):
         def increase(units: list[Unit]) -> float:
-            value = masked.evaluate(units, windows).increase_over(baseline)
+            value = accuracy.worst_increase({name: masked.evaluate(units, w) for name, w in windows.items()},
+                                            baseline)
             removed = 100 * removed_parameters(units) / layer_params
             tried.append({"units": len(units), "perplexity_increase_percent": value,
                           "parameters_removed_percent": removed, "held_out": held_out})
@@ -519,9 +530,9 @@ def budget_search(config, all_units, blocks, facts, source, samples, reference, 
             return value
         return increase
 
-    accepted = grow_within_budget(budget_order(all_units, blocks, facts), measure_on(search_windows, base, False),
-                                  config.budget)
-    accepted = largest_fitting_prefix(accepted, measure_on(samples.evaluation, reference, True), config.budget)
+    accepted = grow_within_budget(budget_order(all_units, blocks, facts),
+                                  measure_on({"search": search_windows}, {"search": base}, False), config.budget)
+    accepted = largest_fitting_prefix(accepted, measure_on(domains, reference, True), config.budget)
     return plan_from_units(accepted, blocks, facts), tried
 
 

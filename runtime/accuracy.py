@@ -85,6 +85,9 @@ class AccuracyRecord:
     logits_limit: float | None = None  # the largest logits_diff the gate accepts
     windows: int | None = None  # held-out windows compared (None for export parity: one fixed prompt)
     domain: str = HELD_OUT
+    # The behaviour check (runtime/behaviour.py): share of probes answered right or wrong as the reference did.
+    answer_agreement: float | None = None
+    answer_limit: float | None = None
 
     @classmethod
     def of(cls, stage: str, against: str, evaluation: Evaluation, reference: Evaluation, limit: float | None = None,
@@ -124,6 +127,9 @@ class AccuracyRecord:
         if self.logits_diff is not None:
             limit = "" if self.logits_limit is None else f" (limit {self.logits_limit:.3g})"
             parts.append(f"{self.logits_statistic}|dlogits| {self.logits_diff:.1e}{limit}")
+        if self.answer_agreement is not None:
+            limit = "" if self.answer_limit is None else f" (limit {self.answer_limit:.3g})"
+            parts.append(f"answers agree {self.answer_agreement:.3f}{limit}")
         where = "" if self.domain == HELD_OUT else f" on {self.domain}"
         return f"vs {self.against}{where}: {', '.join(parts) or 'no figures'}" + ("" if self.passed else ", missed")
 
@@ -146,3 +152,21 @@ def records_of(metrics: dict) -> list[AccuracyRecord]:
 def held_out(records: list[AccuracyRecord]) -> AccuracyRecord | None:
     """The record on the build's held-out text, which every gate measures."""
     return next((record for record in records if record.domain == HELD_OUT), None)
+
+
+def evaluate_domains(evaluate_windows: Callable[[np.ndarray], Evaluation], domains: dict[str, np.ndarray]
+                     ) -> dict[str, Evaluation]:
+    """One evaluation per text domain (name -> held-out windows)."""
+    return {name: evaluate_windows(windows) for name, windows in domains.items()}
+
+
+def worst_increase(evaluations: dict[str, Evaluation], references: dict[str, Evaluation]) -> float:
+    """The largest perplexity increase over the domains: a gate must hold on each, so this is what it judges."""
+    return max(evaluations[name].increase_over(references[name]) for name in references)
+
+
+def domain_records(stage: str, against: str, evaluations: dict[str, Evaluation], references: dict[str, Evaluation],
+                   limit: float | None, **more) -> list[AccuracyRecord]:
+    """One record per domain, each passing on its own increase."""
+    return [AccuracyRecord.of(stage, against, evaluations[name], references[name], limit=limit, domain=name, **more)
+            for name in references]

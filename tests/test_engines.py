@@ -12,7 +12,7 @@ from test_calibration import build_tiny_llama
 
 import runtime
 from engines import ort as ort_engine
-from engines.verify import Reference, verify
+from engines.verify import Baseline, Reference, verify
 from runtime import artifact as artifacts
 from runtime import ort_session
 from runtime.artifact import ArtifactWriter
@@ -157,7 +157,7 @@ def test_wrong_engine_fails_verification_naming_the_layer(export_factory, tmp_pa
     engine = artifacts.load(broken, verify=False)
     windows = np.random.default_rng(0).integers(3, 128, size=(2, 32))
     with pytest.raises(AccuracyError, match=r"first diverging layer: model\.layers\.1\.mlp\.down_proj"):
-        verify(engine, export, Reference.of(export, windows, threads=1))
+        verify(engine, export, Baseline((Reference.of(export, windows, threads=1),)))
 
 
 @pytest.mark.parametrize("flags, code, message", [
@@ -209,6 +209,7 @@ def gate(perplexity: float, reference: float, domain: str = "held-out") -> dict:
     ({"accuracy": [gate(11.0, 10.0)]}, True, 0.0),  # the reference graph itself
     ({"accuracy": [gate(11.0, 10.0, "code")]}, False, 0.0),  # nothing measured on the held-out text
     ({"distillation": {}}, False, 0.0),  # no gate recorded
+    ({"accuracy": [gate(9.9, 10.0)]}, False, 0.0),  # a parent better than float grants nothing below zero
 ])
 def test_the_parents_allowance_is_its_own_gates_figure_whatever_windows_the_reference_used(
         tmp_path, parent_metrics, parent_is_reference, expected):

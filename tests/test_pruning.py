@@ -222,17 +222,21 @@ def test_a_healed_budget_plans_for_more_and_gates_the_healed_model():
 
 
 def test_the_healed_model_must_fit_the_budget():
-    from export.distill import DistillConfig, healed_record
+    from export.distill import DistillConfig, healed_records
     from runtime.errors import AccuracyError
 
+    def healed(perplexity, gate):
+        (record,) = healed_records({"held-out": perplexity}, {"held-out": 20.0}, {"held-out": np.zeros((4, 8))}, gate)
+        return record
+
     gate = DistillConfig(steps=10, max_increase=5.0)
-    record = healed_record(20.9, 20.0, 4, gate)  # +4.5%
+    record = healed(20.9, gate)  # +4.5%
     assert record.passed and record.perplexity_increase_percent == pytest.approx(4.5)
     assert (record.ppl_limit_percent, record.windows, record.against) == (5.0, 4, "teacher")
-    with pytest.raises(AccuracyError, match=r"\+6\.00% over the unpruned one, over the 5% --prune-budget"):
-        healed_record(21.2, 20.0, 4, gate)
-    assert not healed_record(21.2, 20.0, 4, DistillConfig(steps=10, max_increase=5.0, allow_accuracy_loss=True)).passed
-    assert healed_record(21.2, 20.0, 4, DistillConfig(steps=10)).passed  # no budget: nothing to miss
+    with pytest.raises(AccuracyError, match=r"by \+6\.00% on held-out, over the 5% --prune-budget"):
+        healed(21.2, gate)
+    assert not healed(21.2, DistillConfig(steps=10, max_increase=5.0, allow_accuracy_loss=True)).passed
+    assert healed(21.2, DistillConfig(steps=10)).passed  # no budget: nothing to miss
 
 
 def test_pareto_table_measures_every_variant_in_one_run(tiny_model_factory, tmp_path):

@@ -193,7 +193,7 @@ def test_a_profile_tensorrt_did_not_take_fails_the_build():
 
 def test_profile_with_max_below_opt_exits_2_before_looking_for_a_gpu(tmp_path):
     result = run_cli("export.build", "--backend", "trt", "--max-seq", "64", "--opt-seq", "128", "--out", str(tmp_path))
-    assert result.returncode == 2 and "the max is below the opt" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "--opt-seq 128 is outside 1 to --max-seq (64)" in result.stderr.splitlines()[-1]
 
 
 def test_mismatching_plan_is_a_clear_error(monkeypatch, tmp_path):
@@ -599,12 +599,17 @@ def test_verification_windows_are_cut_to_the_plans_max_seq(monkeypatch, tmp_path
         evaluated.append(windows_seen.shape)
         return evaluation_of(windows_seen)
 
-    def fake_evaluate_engine(engine, windows_seen, threads):
+    def fake_evaluate_session(session, windows_seen):
         engine_windows.append(windows_seen.shape)
         return evaluation_of(windows_seen)
 
+    class NoSession:
+        def close(self):
+            pass
+
     monkeypatch.setattr(verify_module.accuracy, "evaluate_model", fake_evaluate_model)
-    monkeypatch.setattr(verify_module, "evaluate_engine", fake_evaluate_engine)
+    monkeypatch.setattr(verify_module.accuracy, "evaluate_session", fake_evaluate_session)
+    monkeypatch.setattr(verify_module.runtime, "open", lambda engine, options: NoSession())
     compared = []
 
     def fake_compare_logits(ref, eng, windows_seen, precision, threads):
@@ -613,7 +618,7 @@ def test_verification_windows_are_cut_to_the_plans_max_seq(monkeypatch, tmp_path
 
     monkeypatch.setattr(verify_module, "compare_logits", fake_compare_logits)
     export = Artifact(tmp_path, {"id": "export0", "files": {"model.onnx": {}}, "io": {"model": {}}})
-    reference = verify_module.Reference.of(export, windows, threads=1)
+    reference = verify_module.Baseline((verify_module.Reference.of(export, windows, threads=1),))
     parent = Artifact(tmp_path, {"id": "export0", "metrics": {}})
     for _ in range(2):  # two plans of one build share the shortened reference
         plan = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {"max_sequence": 64}})
