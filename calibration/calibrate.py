@@ -144,7 +144,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, gen
     with writer.working_folder() as work:
         progress("[calibrate] fp32 reference on held-out windows: "
                  + ", ".join(f"{len(w)} of {name}" for name, w in domains.items()))
-        reference = evaluate_on(parent.file(MODEL_FILE), facts, domains, config.threads)
+        reference = accuracy.evaluate_model_on(parent.file(MODEL_FILE), facts, domains, config.threads)
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
         chosen, tried = _search(model_path, activation_scales, sensitivity, reference, domains, config, facts,
                                 work, progress)
@@ -257,12 +257,6 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
     return destination
 
 
-def evaluate_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
-                ) -> dict[str, accuracy.Evaluation]:
-    return accuracy.evaluate_domains(lambda windows: accuracy.evaluate_model(model_path, facts, windows, threads),
-                                     domains)
-
-
 def _search(model_path, scales, sensitivity, reference, domains, config, facts, work, progress):
     """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
     weight_only = weight_only_layers(config, facts["linear_layers"])
@@ -277,7 +271,7 @@ def _search(model_path, scales, sensitivity, reference, domains, config, facts, 
     for extra in extra_counts:
         kept = base + [name for name in layers if name not in base][:extra]
         path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision)
-        evaluations = evaluate_on(path, facts, domains, config.threads)
+        evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
         increase = accuracy.worst_increase(evaluations, reference)
         held_out = evaluations[accuracy.HELD_OUT]
         agreement = held_out.agreement(reference[accuracy.HELD_OUT])

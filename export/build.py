@@ -581,15 +581,24 @@ def build(config: BuildConfig) -> list[StageResult]:
             results.append(float_graph)
     baseline = baseline_of(float_graph.artifact, export.artifact, config, teacher)
     for precision in config.precisions:
-        parent = float_graph
-        if precision in calibrate.PRECISIONS:
-            parent = run_calibrate(config, float_graph.artifact, precision, teacher)
-            results.append(parent)
-        elif precision == "fp16":
-            parent = run_fp16(config, float_graph.artifact, baseline, teacher)
-            results.append(parent)
-        results.append(run_engine(config, parent.artifact, baseline, backend, teacher, draft))
+        results += run_precision(config, float_graph.artifact, precision, baseline, backend, teacher, draft)
     return results
+
+
+def run_precision(config: BuildConfig, float_graph: artifacts.Artifact, precision: str,
+                  baseline: Callable[[], Baseline], backend: str, teacher: TeacherText,
+                  draft: artifacts.Artifact | None = None) -> list[StageResult]:
+    """One precision's stages from the float graph: calibrate or fp16 where the precision needs one, then the
+    engine."""
+    results = []
+    parent = float_graph
+    if precision in calibrate.PRECISIONS:
+        results.append(run_calibrate(config, float_graph, precision, teacher))
+    elif precision == "fp16":
+        results.append(run_fp16(config, float_graph, baseline, teacher))
+    if results:
+        parent = results[-1].artifact
+    return results + [run_engine(config, parent, baseline, backend, teacher, draft)]
 
 
 def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: TeacherText, backend: str
@@ -606,16 +615,8 @@ def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: Teache
     if settings.distillation.steps:
         results.append(run_distill(settings, results[-1].artifact, teacher))
     float_graph = results[-1].artifact
-    precision = config.precisions[0]
-    parent = float_graph
-    if precision in calibrate.PRECISIONS:
-        results.append(run_calibrate(settings, float_graph, precision, teacher))
-        parent = results[-1].artifact
-    elif precision == "fp16":
-        results.append(run_fp16(settings, float_graph, baseline_of(float_graph, export, settings, teacher), teacher))
-        parent = results[-1].artifact
-    results.append(run_engine(settings, parent, baseline_of(float_graph, export, settings, teacher), backend, teacher))
-    return results
+    baseline = baseline_of(float_graph, export, settings, teacher)
+    return results + run_precision(settings, float_graph, config.precisions[0], baseline, backend, teacher)
 
 
 def run_fp16(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline],

@@ -435,12 +435,12 @@ def run(parent: Artifact, writer: ArtifactWriter, config: PruneConfig, generatio
             progress(f"[prune] activation energies of {len(blocks)} layers on {len(fitting)} windows")
             energies = measure(source, blocks, fitting, facts, config.threads, scratch=work)
             all_units = units(blocks, energies, facts, config.multiple)
-            reference = evaluate_on(source, facts, domains, config.threads)
+            reference = accuracy.evaluate_model_on(source, facts, domains, config.threads)
             plan, tried = choose_plan(config, all_units, blocks, facts, source, samples, domains, reference, work,
                                       progress)
             model, refit = build_repaired(source, plan, energies, facts, writer.dir / MODEL_FILE, config,
                                           samples.calibration[:SEARCH_WINDOWS], work, progress)
-            evaluations = evaluate_on(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model), domains,
+            evaluations = accuracy.evaluate_model_on(writer.dir / MODEL_FILE, pruned_facts(facts, plan, model), domains,
                                       config.threads)
     except PruningError as exc:
         raise BadInputError(str(exc)) from None
@@ -493,12 +493,6 @@ def load_plan(path: str, facts: dict) -> PrunePlan:
         raise BadInputError(f"--prune-plan {path} was made for another model ({', '.join(mismatched)} differ); "
                             "plan again for this model with --prune or --prune-budget")
     return PrunePlan.from_json(record["plan"])
-
-
-def evaluate_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
-                ) -> dict[str, accuracy.Evaluation]:
-    return accuracy.evaluate_domains(lambda windows: accuracy.evaluate_model(model_path, facts, windows, threads),
-                                     domains)
 
 
 def choose_plan(config, all_units, blocks, facts, source, samples, domains, reference, work, progress):

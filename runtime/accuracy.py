@@ -154,10 +154,10 @@ def held_out(records: list[AccuracyRecord]) -> AccuracyRecord | None:
     return next((record for record in records if record.domain == HELD_OUT), None)
 
 
-def evaluate_domains(evaluate_windows: Callable[[np.ndarray], Evaluation], domains: dict[str, np.ndarray]
-                     ) -> dict[str, Evaluation]:
-    """One evaluation per text domain (name -> held-out windows)."""
-    return {name: evaluate_windows(windows) for name, windows in domains.items()}
+def evaluate_model_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
+                      ) -> dict[str, Evaluation]:
+    """An ONNX file's evaluation on each text domain (name -> held-out windows)."""
+    return {name: evaluate_model(model_path, facts, windows, threads) for name, windows in domains.items()}
 
 
 def worst_increase(evaluations: dict[str, Evaluation], references: dict[str, Evaluation]) -> float:
