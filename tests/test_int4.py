@@ -1,0 +1,112 @@
+"""4-bit weights: round-to-nearest and GPTQ on hand-built matrices, the int4 graph pass on a tiny graph, and the
+Gram matrices GPTQ reads, collected on a tiny export."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from test_graph import empty_graph, float_input, linear, model_of, op_types
+
+from export.graph import stats
+from export.graph.gptq import GptqConfig, Int4Spec, Int4WeightsPass, gptq, output_error, rtn
+
+
+def correlated_inputs(rows=1024, width=128, seed=0):
+    """Activations like a transformer's: correlated channels of very different energy (a few outliers)."""
+    rng = np.random.default_rng(seed)
+    mixing = 0.3 * rng.standard_normal((width, width)) + np.eye(width)
+    return (rng.standard_normal((rows, width)) @ mixing) * np.exp(rng.standard_normal(width))
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_is_below_round_to_nearest(block, symmetric, act_order):
+    x = correlated_inputs()
+    weight = np.random.default_rng(1).standard_normal((128, 48)).astype(np.float32)
+    spec = Int4Spec(block, symmetric)
+    nearest = output_error(x, weight, rtn(weight, spec))
+    compensated = output_error(x, weight, gptq(weight, x.T @ x, spec, GptqConfig(act_order=act_order)))
+    assert compensated < 0.9 * nearest
+
+
+def test_gptq_keeps_the_grid_and_layout_of_round_to_nearest():
+    x, weight = correlated_inputs(width=96), np.random.default_rng(2).standard_normal((96, 40))
+    for spec in (Int4Spec(32, True), Int4Spec(64, False)):
+        quantized = gptq(weight, x.T @ x, spec)
+        assert quantized.values.shape == weight.shape and quantized.scale.shape == (-(-96 // spec.block), 40)
+        low, high = (-8, 7) if spec.symmetric else (0, 15)
+        assert quantized.values.min() >= low and quantized.values.max() <= high
+        assert (quantized.zero_point is None) == spec.symmetric
+
+
+def test_round_to_nearest_uses_sixteen_levels_and_rounds_within_half_a_step():
+    weight = np.random.default_rng(3).standard_normal((64, 8))
+    quantized = rtn(weight, Int4Spec(32, True))
+    assert {-8, 7} <= set(np.unique(quantized.values))  # the largest magnitude maps to -8, none clipped
+    scale = np.repeat(quantized.scale, 32, axis=0)
+    inside = weight / scale <= 7.5  # only the opposite extreme, past level 7, is clipped (by under one step)
+    error = np.abs(quantized.dequantized() - weight)
+    assert np.all(error[inside] <= np.abs(scale[inside]) / 2 + 1e-6)
+    assert np.all(error[~inside] <= np.abs(scale[~inside]) + 1e-6)
+
+
+def test_gptq_on_a_dead_input_channel_is_finite():
+    x = correlated_inputs(width=64)
+    x[:, 5] = 0.0  # a channel the calibration never excites: H[5, 5] = 0
+    quantized = gptq(np.random.default_rng(4).standard_normal((64, 16)), x.T @ x, Int4Spec(32, True))
+    assert np.isfinite(quantized.dequantized()).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_pass_writes_blocked_dequantize_that_runs_as_its_weights(symmetric):
+    x = float_input("x", 64)
+    graph = empty_graph(x)
+    out = linear(graph, x, "model.layers.0.mlp.down_proj", 64, 16)
+    model = model_of(graph, out)
+    weight = model.graph.node(0).inputs[1].const_value.numpy()
+    quantized = rtn(weight, Int4Spec(32, symmetric))
+    result = Int4WeightsPass({"model.layers.0.mlp.down_proj": quantized})(model)
+    assert result.quantized == ["model.layers.0.mlp.down_proj"]
+    assert op_types(model) == ["DequantizeLinear", "MatMul"]
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)}
+    # Unoptimized: ONNX Runtime would fuse the pair into MatMulNBits, which rounds its input to int8 (accuracy 4).
+    np.testing.assert_allclose(run_unoptimized(model, feeds), feeds["x"] @ quantized.dequantized(), rtol=1e-4,
+                               atol=1e-4)
+
+
+def run_unoptimized(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto = ir.to_proto(model).SerializeToString()
+    return ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_int4_pass_refuses_a_layer_it_cannot_find():
+    x = float_input("x", 32)
+    graph = empty_graph(x)
+    model = model_of(graph, linear(graph, x, "model.layers.0.mlp.up_proj", 32, 8))
+    with pytest.raises(ir.passes.PreconditionError, match="no_such_layer"):
+        Int4WeightsPass({"no_such_layer": rtn(np.ones((32, 8)), Int4Spec())})(model)
+
+
+def test_gram_matrices_match_the_activations_and_respect_the_budget(export_factory):
+    art = export_factory("llama")
+    model = ir.load(str(art.file("model.onnx")))
+    tensors = sorted(set(stats.linear_inputs(model, art.model_facts["linear_layers"]).values()))[:3]
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    widths = {name: values[name].shape[-1] for name in tensors}
+    samples = np.random.default_rng(0).integers(3, 128, size=(3, 24))
+    budget = 8 * max(w * w for w in widths.values())  # one Gram per pass: several passes over the samples
+    grams = dict(stats.gram_matrices(art.file("model.onnx"), widths, samples, art.model_facts, 1, budget))
+    direct = {name: 0 for name in tensors}
+    for outputs in stats.stream(art.file("model.onnx"), tensors, samples, art.model_facts, 1):
+        for name, value in outputs.items():
+            rows = value.reshape(-1, widths[name]).astype(np.float64)
+            direct[name] = direct[name] + rows.T @ rows
+    assert set(grams) == set(tensors)
+    for name in tensors:
+        np.testing.assert_allclose(grams[name], direct[name], rtol=1e-9)
+    chunks = stats._chunks(widths, budget)
+    assert len(chunks) > 1 and sorted(sum(chunks, [])) == sorted(tensors)
+    assert all(sum(8 * widths[name] ** 2 for name in chunk) <= budget for chunk in chunks)
