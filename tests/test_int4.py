@@ -8,7 +8,9 @@ import pytest
 from test_graph import empty_graph, float_input, linear, model_of, op_types
 
 from export.graph import stats
+from export.graph.awq import AwqPass, gram_error, scaled_gram, search_scales
 from export.graph.gptq import GptqConfig, Int4Spec, Int4WeightsPass, gptq, output_error, rtn
+from export.graph.linear import add_initializer, linear_groups
 
 
 def correlated_inputs(rows=1024, width=128, seed=0):
@@ -75,11 +77,12 @@ def test_int4_pass_writes_blocked_dequantize_that_runs_as_its_weights(symmetric)
                                atol=1e-4)
 
 
-def run_unoptimized(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def run_unoptimized(model: ir.Model, feeds: dict[str, np.ndarray], every: bool = False):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     proto = ir.to_proto(model).SerializeToString()
-    return ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    outputs = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return outputs if every else outputs[0]
 
 
 def test_int4_pass_refuses_a_layer_it_cannot_find():
@@ -110,3 +113,75 @@ def test_gram_matrices_match_the_activations_and_respect_the_budget(export_facto
     chunks = stats._chunks(widths, budget)
     assert len(chunks) > 1 and sorted(sum(chunks, [])) == sorted(tensors)
     assert all(sum(8 * widths[name] ** 2 for name in chunk) <= budget for chunk in chunks)
+
+
+# -- AWQ ---------------------------------------------------------------------------------------------------
+
+
+def test_awq_search_lowers_output_error_on_outlier_channels_and_never_raises_it():
+    x = correlated_inputs(width=64)
+    x[:, :4] *= 30  # outlier channels, as transformer activations have
+    weight = np.random.default_rng(6).standard_normal((64, 32))
+    spec = Int4Spec(32, True)
+    gram = x.T @ x
+    scales, alpha = search_scales(weight, gram, spec)
+    plain = gram_error(rtn(weight, spec).dequantized() - weight, gram)
+    scaled = gram_error(rtn(weight * scales[:, None], spec).dequantized() / scales[:, None] - weight, gram)
+    assert alpha > 0 and scaled < 0.9 * plain
+    flat = np.eye(64)  # no channel matters more than another: nothing to gain, alpha 0 (plain rounding) or equal
+    assert gram_error(rtn(weight * search_scales(weight, flat, spec)[0][:, None], spec).dequantized()
+                      / search_scales(weight, flat, spec)[0][:, None] - weight, flat) <= gram_error(
+        rtn(weight, spec).dequantized() - weight, flat) + 1e-12
+
+
+def test_gram_error_is_the_output_error_over_all_positions():
+    x, delta = correlated_inputs(rows=50, width=16), np.random.default_rng(7).standard_normal((16, 5))
+    assert gram_error(delta, x.T @ x) == pytest.approx(np.linalg.norm(x @ delta) ** 2, rel=1e-9)
+
+
+def test_awq_fold_is_exact_in_float_and_scaled_gram_is_the_new_inputs_gram():
+    x = float_input("x", 64)
+    graph = empty_graph(x)
+    gamma = add_initializer(graph, "norm.weight", np.random.default_rng(8).uniform(0.5, 2, 64).astype(np.float32))
+    normed = ir.node("Mul", [x, gamma], name="model.layers.0.input_layernorm")
+    graph.append(normed)
+    q = linear(graph, normed.outputs[0], "model.layers.0.self_attn.q_proj", 64, 32)
+    k = linear(graph, normed.outputs[0], "model.layers.0.self_attn.k_proj", 64, 32)
+    model = model_of(graph, q, k)
+    feeds = {"x": correlated_inputs(rows=2, width=64).astype(np.float32)}
+    feeds["x"][:, :3] *= 30
+    before = run_unoptimized(model, feeds, every=True)
+    activations = correlated_inputs(width=64) * 1.5
+    activations[:, :3] *= 30
+    tensor = normed.outputs[0].name
+    result = AwqPass({tensor: activations.T @ activations}, Int4Spec(32, True))(model)
+    assert result.scaled == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    assert not np.allclose(result.scales[tensor], 1.0)  # it did scale: the fold is tested, not skipped
+    for a, b in zip(before, run_unoptimized(model, feeds, every=True)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    scaled_inputs = activations / result.scales[tensor]
+    np.testing.assert_allclose(scaled_gram(activations.T @ activations, result.scales[tensor]),
+                               scaled_inputs.T @ scaled_inputs, rtol=1e-5)
+
+
+def test_awq_leaves_skipped_and_unfoldable_groups_alone():
+    x = float_input("x", 32)
+    graph = empty_graph(x)  # a graph input feeds the layer: no producer to fold into
+    model = model_of(graph, linear(graph, x, "model.layers.0.mlp.up_proj", 32, 8))
+    grams = {"x": np.diag(np.arange(1.0, 33.0) ** 4)}
+    assert not AwqPass(grams, Int4Spec(32, True))(model).modified
+
+
+def test_awq_on_a_tiny_llama_folds_into_norms_and_up_projections_exactly(export_factory, tmp_path):
+    from test_calibration import assert_same_function_in_float, tiny_samples
+
+    art = export_factory("llama")
+    model = ir.load(str(art.file("model.onnx")))
+    groups = linear_groups(model.graph)
+    widths = {x.name: nodes[0].inputs[1].const_value.shape[0] for x, nodes in groups.items()}
+    grams = dict(stats.gram_matrices(art.file("model.onnx"), widths, tiny_samples(), art.model_facts, 1))
+    result = AwqPass(grams, Int4Spec(32, True), skip=frozenset({"lm_head"}))(model)
+    # q/k/v and gate/up fold into the norms, down_proj into up_proj; o_proj's input (attention) takes no fold
+    assert "model.layers.1.mlp.down_proj" in result.scaled and "model.layers.0.self_attn.q_proj" in result.scaled
+    assert not any(name.endswith("o_proj") for name in result.scaled) and "lm_head" not in result.scaled
+    assert_same_function_in_float(art, model, tmp_path)
