@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from calibration.int4 import METHODS as INT4_METHODS
+from calibration.int4 import calibrate_int4
 from export.graph import stats
 from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.gptq import Int4Spec, Int4WeightsPass
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
@@ -65,6 +68,13 @@ class CalibrationConfig:
     # down_proj are W8A8 too. Off by default: the dense Hadamard MatMul costs more decode speed than the int8
     # down_proj win back (README, "INT8").
     online_rotation: bool = False
+    # How int4 weights are chosen: rtn (round-to-nearest, onnxruntime's quantizer, no data), awq (activation-aware
+    # scales folded into the graph, then rounding), gptq (rounding that compensates each error on the layer's
+    # calibration inputs), awq+gptq (both). README, "INT4", has what each measured.
+    int4_method: str = "awq+gptq"
+    int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
+    int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
+    int4_act_order: bool = True  # GPTQ visits the input channels of most energy first
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
     # Linear layers (names or fnmatch patterns) whose weights alone become int8 (input left in float) at
@@ -103,6 +113,12 @@ def stage_config(config: CalibrationConfig) -> dict[str, Any]:
 def validate(config: CalibrationConfig, layers: list[str]) -> None:
     if config.precision not in PRECISIONS:
         raise BadInputError(f"calibration precision {config.precision!r} unknown; choose one of {PRECISIONS}")
+    if config.int4_method not in INT4_METHODS:
+        raise BadInputError(f"unknown int4 method {config.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
+    if config.int4_method == "rtn" and (config.int4_block, config.int4_symmetric) != (BLOCKS["int4"], True):
+        raise BadInputError("--int4-method rtn writes onnxruntime's symmetric blocks of 32; --int4-block and "
+                            "--int4-asymmetric need a calibrated method (awq, gptq, awq+gptq)")
+    Int4Spec(config.int4_block, config.int4_symmetric)  # a block size it cannot write fails here, before any work
     if config.method not in stats.METHODS:
         raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
     unknown = [name for name in config.keep_fp if name not in layers]
@@ -151,20 +167,27 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),
         "float_fraction": len(chosen.kept) / len(sensitivity),
-        "smoothquant_layers": len(smoothed),
+        "smoothquant_layers": 0 if config.precision == "int4" else len(smoothed),
         "tried": tried,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if config.precision == "int4":  # what chose the weights; `smoothed` holds the layers AWQ scaled
+        metrics["int4"] = {"method": config.int4_method, "block": config.int4_block,
+                           "symmetric": config.int4_symmetric, "act_order": config.int4_act_order,
+                           "awq_layers": len(smoothed)}
     return writer.commit(io=parent.io, metrics=metrics, precision=config.precision)
 
 
 def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, progress):
-    """(graph to quantize, activation scales or None, layer sensitivity order, smoothed layers)."""
+    """(graph to quantize, activation scales (at int4: the calibrated weights) or None, layer sensitivity order,
+    smoothed (at int4: AWQ-scaled) layers)."""
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision == "int4":  # weights only: no activation statistics
-        return source, None, _weight_sensitivity(source, config.precision), []
+        if config.int4_method == "rtn":
+            return source, None, _weight_sensitivity(source, config.precision), []
+        return _prepare_int4(source, config, samples, facts, work, progress)
     model = ir.load(str(source))
     rotations = _rotations(config)
     if rotations:
@@ -196,6 +219,20 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+def _prepare_int4(source: Path, config: CalibrationConfig, samples, facts: dict, work: Path, progress):
+    """Calibrated int4: (graph with AWQ's folds, the int4 weights, layers by output error, AWQ-scaled layers)."""
+    model = ir.load(str(source))
+    progress(f"[calibrate] int4 {config.int4_method} (blocks of {config.int4_block}, "
+             f"{'symmetric' if config.int4_symmetric else 'zero points'}) on {len(samples.calibration)} windows")
+    skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
+    plan = calibrate_int4(model, source, samples.calibration, facts, config.threads,
+                          Int4Spec(config.int4_block, config.int4_symmetric), config.int4_method,
+                          config.int4_act_order, skip, scratch=work)
+    scaled = work / "int4-scaled.onnx"
+    ir.save(model, scaled)
+    return scaled, plan.weights, sorted(plan.errors, key=plan.errors.get, reverse=True), plan.awq_scaled
 
 
 # The progress line each rotation reports, given how many layers it rotated.
@@ -235,6 +272,8 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
 
 def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, destination: Path,
           precision: str) -> Path:
+    """The candidate graph. `scales`: the activation scales at int8; at int4, the calibrated int4 weights by
+    layer (None: onnxruntime's round-to-nearest)."""
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
         QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
@@ -242,10 +281,12 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
         QuantizeLinearLayersPass(others)(model)
+        if scales is not None:
+            Int4WeightsPass({name: weight for name, weight in scales.items() if name not in keep})(model)
     else:  # int8; the layers the search returns go wholly to float (the weight-only ones are chosen up front)
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
-    if precision == "int4":
+    if precision == "int4" and scales is None:
         quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only))
     return destination
 

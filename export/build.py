@@ -153,6 +153,13 @@ def build_parser() -> OneLineParser:
                        help="rotate the residual stream before quantizing (RMSNorm models)")
     calib.add_argument("--online-rotation", action="store_true",
                        help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
+    calib.add_argument("--int4-method", default=defaults.int4_method, choices=calibrate.INT4_METHODS,
+                       help="how int4 weights are chosen: rtn (round-to-nearest, no data), awq (activation-aware "
+                            "scales), gptq (error-compensating rounding), awq+gptq")
+    calib.add_argument("--int4-block", type=int, default=defaults.int4_block, choices=(32, 64, 128),
+                       help="input channels per int4 scale (larger: fewer bytes, less accuracy)")
+    calib.add_argument("--int4-asymmetric", action="store_true",
+                       help="int4 blocks with a zero point each (calibrated methods only)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
     calib.add_argument("--max-ppl-increase", type=at_least(0.0, float), default=defaults.max_ppl_increase,
@@ -212,7 +219,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
-        smoothquant_alpha=args.smoothquant_alpha,
+        smoothquant_alpha=args.smoothquant_alpha, int4_method=args.int4_method, int4_block=args.int4_block,
+        int4_symmetric=not args.int4_asymmetric,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.report:

@@ -178,8 +178,8 @@ def gram_matrices(model_path: Path, channels: dict[str, int], samples: np.ndarra
         grams = {name: np.zeros((channels[name], channels[name])) for name in chunk}
         for outputs in stream(model_path, chunk, samples, facts, threads, scratch):
             for name, value in outputs.items():
-                x = value.reshape(-1, channels[name]).astype(np.float64)
-                grams[name] += x.T @ x
+                x = value.reshape(-1, channels[name]).astype(np.float32, copy=False)
+                grams[name] += x.T @ x  # one window's product in float32 (twice as fast), the sum in float64
         for name in chunk:
             yield name, grams.pop(name)
 
