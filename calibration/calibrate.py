@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from calibration.int4 import LIBRARY_METHODS, calibrate_int4
 from calibration.int4 import METHODS as INT4_METHODS
-from calibration.int4 import calibrate_int4
 from export.graph import stats
 from export.graph.data import DataConfig, load_samples, within_context
 from export.graph.gptq import Int4Spec, Int4WeightsPass
@@ -68,9 +68,10 @@ class CalibrationConfig:
     # down_proj are W8A8 too. Off by default: the dense Hadamard MatMul costs more decode speed than the int8
     # down_proj win back (README, "INT8").
     online_rotation: bool = False
-    # How int4 weights are chosen: rtn (round-to-nearest, onnxruntime's quantizer, no data), awq (activation-aware
-    # scales folded into the graph, then rounding), gptq (rounding that compensates each error on the layer's
-    # calibration inputs), awq+gptq (both). README, "INT4", has what each measured.
+    # How int4 weights are chosen: rtn (round-to-nearest) and hqq (half-quadratic optimization of a scale and a
+    # float zero point per block; MatMulNBits, ONNX Runtime only) are onnxruntime's quantizer's, without data; awq
+    # (activation-aware scales folded into the graph, then rounding), gptq (rounding that compensates each error
+    # on the layer's calibration inputs) and awq+gptq are ours. README, "INT4", has what each measured.
     int4_method: str = "awq+gptq"
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
@@ -117,7 +118,7 @@ def validate(config: CalibrationConfig, layers: list[str]) -> None:
         raise BadInputError(f"unknown int4 method {config.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
     if config.int4_method == "rtn" and (config.int4_block, config.int4_symmetric) != (BLOCKS["int4"], True):
         raise BadInputError("--int4-method rtn writes onnxruntime's symmetric blocks of 32; --int4-block and "
-                            "--int4-asymmetric need a calibrated method (awq, gptq, awq+gptq)")
+                            "--int4-asymmetric need another method (hqq, awq, gptq, awq+gptq)")
     Int4Spec(config.int4_block, config.int4_symmetric)  # a block size it cannot write fails here, before any work
     if config.method not in stats.METHODS:
         raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
@@ -185,7 +186,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision == "int4":  # weights only: no activation statistics
-        if config.int4_method == "rtn":
+        if config.int4_method in LIBRARY_METHODS:
             return source, None, _weight_sensitivity(source, config.precision), []
         return _prepare_int4(source, config, samples, facts, work, progress)
     model = ir.load(str(source))
@@ -271,9 +272,9 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
 
 
 def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, destination: Path,
-          precision: str) -> Path:
+          precision: str, int4: tuple[str, int] = ("rtn", BLOCKS["int4"])) -> Path:
     """The candidate graph. `scales`: the activation scales at int8; at int4, the calibrated int4 weights by
-    layer (None: onnxruntime's round-to-nearest)."""
+    layer (None: onnxruntime's quantizer, by `int4`: its method and block)."""
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
         QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
@@ -287,7 +288,8 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
     if precision == "int4" and scales is None:
-        quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only))
+        quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only), algorithm=int4[0],
+                      block=int4[1])
     return destination
 
 
@@ -304,7 +306,8 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
     best = None
     for extra in extra_counts:
         kept = base + [name for name in layers if name not in base][:extra]
-        path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision)
+        path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision,
+                     (config.int4_method, config.int4_block))
         evaluation = accuracy.evaluate_model(path, facts, samples.evaluation, config.threads)
         increase, agreement = evaluation.increase_over(reference), evaluation.agreement(reference)
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,

@@ -3,8 +3,8 @@ gate/up, down, o), its Gram matrix from the calibration windows, then AWQ's scal
 GPTQ's error-compensating rounding, or either alone. One Gram at a time is held beyond the collection budget
 (`stats.gram_matrices`); what is kept is the quantized weights and each layer's output error.
 
-Round-to-nearest needs no data and stays with onnxruntime's quantizer (`qdq.quantize_int4`); this module is
-what it lacks.
+Round-to-nearest and HQQ need no data and stay with onnxruntime's quantizer (`qdq.quantize_int4`); this module
+is what it lacks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from export.graph.awq import AwqPass, gram_error, scaled_gram
 from export.graph.gptq import GptqConfig, Int4Spec, Int4Weight, gptq, rtn
 from export.graph.linear import linear_groups, weight_array, weight_axis
 
-METHODS = ("rtn", "awq", "gptq", "awq+gptq")
+# onnxruntime's quantizer's (no data) and ours (calibrated on the Gram matrices)
+LIBRARY_METHODS = ("rtn", "hqq")
+METHODS = (*LIBRARY_METHODS, "awq", "gptq", "awq+gptq")
 
 
 @dataclass
@@ -62,8 +64,8 @@ def calibrate_int4(model: ir.Model, source: Path, samples: np.ndarray, facts: di
                    scratch: Path | None = None) -> Int4Plan:
     """Quantize every groupable MatMul layer of `model` (whose graph is `source` on disk, as the Grams are
     collected from it) by `method`; AWQ's folds are applied to `model` in place."""
-    if method not in METHODS[1:]:
-        raise ValueError(f"calibrated int4 method {method!r} unknown; choose one of {METHODS[1:]}")
+    if method in LIBRARY_METHODS or method not in METHODS:
+        raise ValueError(f"calibrated int4 method {method!r} unknown; choose one of {METHODS[2:]}")
     groups = _groups(model, skip)
     widths = {name: weight_array(nodes[0]).shape[0] for name, nodes in groups.items()}
     plan = Int4Plan()

@@ -242,3 +242,21 @@ def test_rtn_refuses_the_calibrated_methods_settings():
 
     with pytest.raises(BadInputError, match="int4-block"):
         validate(CalibrationConfig(precision="int4", int4_method="rtn", int4_block=64), ["lm_head"])
+
+
+def test_int4_hqq_build_uses_the_librarys_matmulnbits_and_keeps_layer_names(tiny_model_factory, tmp_path):
+    from test_calibration import build_tiny_llama
+
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int4", "--allow-accuracy-loss", "--int4-method", "hqq")
+    assert result.returncode == 0, result.stderr
+    calibrated = next((tmp_path / "store").glob("calibrate-*"))
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    proto = onnx.load(str(calibrated / "model.onnx"))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    layers = set(manifest["io"]["model"]["linear_layers"]) - {"lm_head"} - set(manifest["metrics"]["kept_in_float"])
+    assert {n.name for n in nbits} == layers  # names as the export gave them: the engine's passes find them
+    assert all(inits[n.input[3]].data_type == onnx.TensorProto.FLOAT for n in nbits)  # HQQ's float zero points
+    assert all(any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in nbits)
+    engine = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
+    assert engine["metrics"]["fusion"]["attention"] == "fused"
