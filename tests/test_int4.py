@@ -12,7 +12,16 @@ from test_graph import empty_graph, float_input, linear, model_of, op_types
 
 from export.graph import stats
 from export.graph.awq import AwqPass, gram_error, scaled_gram, search_scales
-from export.graph.gptq import GptqConfig, Int4Spec, Int4WeightsPass, gptq, output_error, rtn
+from export.graph.gptq import (
+    GptqConfig,
+    Int4Spec,
+    Int4WeightsPass,
+    SourceGridPass,
+    gptq,
+    output_error,
+    rtn,
+    source_grid,
+)
 from export.graph.linear import add_initializer, linear_groups
 
 
@@ -260,3 +269,38 @@ def test_int4_hqq_build_uses_the_librarys_matmulnbits_and_keeps_layer_names(tiny
     assert all(any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in nbits)
     engine = json.loads(next((tmp_path / "store").glob("engine-*/manifest.json")).read_text())
     assert engine["metrics"]["fusion"]["attention"] == "fused"
+
+
+# -- a source's own grid -----------------------------------------------------------------------------------
+
+
+def q4_1_weight(rows=64, columns=24, seed=9):
+    """A weight as a Q4_1 GGUF dequantizes: per block of 32 input channels, min + level * scale, levels 0..15
+    with 0 and 15 present."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(0, 16, size=(rows // 32, 32, columns))
+    levels[:, 0], levels[:, 1] = 0, 15
+    scale, low = rng.uniform(0.01, 0.1, (rows // 32, 1, columns)), rng.uniform(-0.8, -0.1, (rows // 32, 1, columns))
+    return (levels * scale + low).reshape(rows, columns).astype(np.float32)
+
+
+def test_source_grid_recovers_a_q4_1_weight_exactly_and_refuses_one_off_the_grid():
+    weight = q4_1_weight()
+    grid = source_grid(weight)
+    np.testing.assert_allclose(grid.dequantized(), weight, rtol=1e-5, atol=1e-6)
+    assert source_grid(weight + np.random.default_rng(1).normal(0, 1e-3, weight.shape).astype(np.float32)) is None
+    assert source_grid(weight[:48]) is None  # no whole block
+
+
+def test_source_grid_pass_writes_matmulnbits_that_runs_as_the_source_weight():
+    x = float_input("x", 64)
+    graph = empty_graph(x)
+    out = linear(graph, x, "model.layers.0.mlp.down_proj", 64, 24)
+    model = model_of(graph, out)
+    weight = q4_1_weight()
+    model.graph.node(0).inputs[1].const_value = ir.tensor(weight)
+    result = SourceGridPass({"model.layers.0.mlp.down_proj": source_grid(weight)}, accuracy_level=0)(model)
+    assert result.quantized == ["model.layers.0.mlp.down_proj"] and op_types(model) == ["MatMulNBits"]
+    assert model.graph.node(0).name == "model.layers.0.mlp.down_proj"
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_unoptimized(model, feeds), feeds["x"] @ weight, rtol=1e-4, atol=1e-4)

@@ -197,3 +197,67 @@ def layer_weight(node: ir.Node) -> np.ndarray:
     if node.op_type != "MatMul":
         raise ValueError(f"{node.name}: int4 blocks are written for MatMul layers only, not {node.op_type}")
     return weight_array(node)
+
+
+# -- a source's own grid (GGUF Q4_1) -------------------------------------------------------------------------
+
+SOURCE_GRID_TOLERANCE = 1e-6  # relative error under which a weight counts as lying on the grid already
+
+
+def source_grid(weight: np.ndarray, block: int = 32) -> Int4Weight | None:
+    """The weight's own asymmetric 4-bit grid, if it has one: per block of `block` input channels a scale and a
+    float minimum, as GGUF's Q4_1 stores its blocks of 32 (a model dequantized from Q4_1 keeps them exactly:
+    min and max of each block are levels 0 and 15). Its zero point is -min/scale, a float: MatMulNBits takes
+    that, DequantizeLinear (integer zero points) cannot. None where the weight is not on such a grid (Q4_K's
+    super-blocks of 256 with 6-bit sub-scales, say: the check, not the format name, decides)."""
+    if weight.shape[0] % block:
+        return None
+    blocks = weight.astype(np.float64).reshape(-1, block, weight.shape[1])
+    low, high = blocks.min(axis=1), blocks.max(axis=1)
+    scale = np.where(high > low, (high - low) / 15.0, 1.0)
+    values = np.clip(np.rint((blocks - low[:, None]) / scale[:, None]), 0, 15)
+    restored = values * scale[:, None] + low[:, None]
+    if np.linalg.norm(restored - blocks) > SOURCE_GRID_TOLERANCE * max(np.linalg.norm(blocks), 1e-30):
+        return None
+    return Int4Weight(values.reshape(weight.shape).astype(np.int8), scale.astype(np.float32),
+                      (-low / scale).astype(np.float32), block)
+
+
+def _matmul_nbits(node: ir.Node, weight: Int4Weight, graph: ir.Graph, accuracy_level: int) -> ir.Node:
+    """MatMulNBits (com.microsoft) for `node`: B packed [N, blocks, block / 2], two 4-bit values a byte (the
+    even input channel in the low nibble), scales and zero points [N * blocks], output-channel major."""
+    k, n = weight.values.shape
+    columns = weight.values.T.astype(np.uint8).reshape(n, -1, weight.block)
+    packed = columns[..., 0::2] | (columns[..., 1::2] << 4)
+    inputs = [node.inputs[0], add_initializer(graph, f"{node.name}.weight_q4", np.ascontiguousarray(packed)),
+              add_initializer(graph, f"{node.name}.weight_scales", np.ascontiguousarray(weight.scale.T).reshape(-1)),
+              add_initializer(graph, f"{node.name}.weight_zero_points",
+                              np.ascontiguousarray(weight.zero_point.T).reshape(-1).astype(np.float32))]
+    return ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name, outputs=[ir.Value(name=None)],
+                   attributes={"K": k, "N": n, "bits": 4, "block_size": weight.block,
+                               "accuracy_level": accuracy_level})
+
+
+class SourceGridPass(ir.passes.InPlacePass):
+    """Replaces each named MatMul layer with MatMulNBits carrying its given float-zero-point grid
+    (`source_grid`): no second rounding. ONNX Runtime only."""
+
+    def __init__(self, weights: dict[str, Int4Weight], accuracy_level: int = 4):
+        super().__init__()
+        self.weights = weights
+        self.accuracy_level = accuracy_level  # 4: the input rounded to int8 per block at run time, as elsewhere
+
+    def call(self, model: ir.Model) -> Int4Result:
+        quantized = []
+        for node in linear_nodes(model.graph):
+            if node.name not in self.weights:
+                continue
+            replacement = _matmul_nbits(node, self.weights[node.name], model.graph, self.accuracy_level)
+            model.graph.insert_before(node, replacement)
+            node.outputs[0].replace_all_uses_with(replacement.outputs[0], replace_graph_outputs=True)
+            replacement.outputs[0].name = node.outputs[0].name
+            model.graph.remove(node, safe=True)
+            quantized.append(node.name)
+        if quantized:
+            model.opset_imports["com.microsoft"] = 1
+        return Int4Result(model, bool(quantized), quantized=quantized)
