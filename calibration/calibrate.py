@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from calibration.int4 import LIBRARY_METHODS, calibrate_int4
+from calibration.int4 import LIBRARY_METHODS, calibrate_int4, on_source_grid, source_grids
 from calibration.int4 import METHODS as INT4_METHODS
 from export.graph import stats
 from export.graph.data import DataConfig, load_samples, within_context
-from export.graph.gptq import Int4Spec, Int4WeightsPass
+from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
@@ -71,7 +71,9 @@ class CalibrationConfig:
     # How int4 weights are chosen: rtn (round-to-nearest) and hqq (half-quadratic optimization of a scale and a
     # float zero point per block; MatMulNBits, ONNX Runtime only) are onnxruntime's quantizer's, without data; awq
     # (activation-aware scales folded into the graph, then rounding), gptq (rounding that compensates each error
-    # on the layer's calibration inputs) and awq+gptq are ours. README, "INT4", has what each measured.
+    # on the layer's calibration inputs) and awq+gptq are ours; grid keeps the 4-bit grid of a Q4_1 source where
+    # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. README, "INT4", has what each
+    # measured.
     int4_method: str = "awq+gptq"
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
@@ -116,9 +118,10 @@ def validate(config: CalibrationConfig, layers: list[str]) -> None:
         raise BadInputError(f"calibration precision {config.precision!r} unknown; choose one of {PRECISIONS}")
     if config.int4_method not in INT4_METHODS:
         raise BadInputError(f"unknown int4 method {config.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
-    if config.int4_method == "rtn" and (config.int4_block, config.int4_symmetric) != (BLOCKS["int4"], True):
-        raise BadInputError("--int4-method rtn writes onnxruntime's symmetric blocks of 32; --int4-block and "
-                            "--int4-asymmetric need another method (hqq, awq, gptq, awq+gptq)")
+    if config.int4_method in ("rtn", "grid") and (config.int4_block, config.int4_symmetric) != (BLOCKS["int4"], True):
+        raise BadInputError(f"--int4-method {config.int4_method} writes blocks of 32 (the source's, or onnxruntime's "
+                            "symmetric ones); --int4-block and --int4-asymmetric need another method (hqq, awq, "
+                            "gptq, awq+gptq)")
     Int4Spec(config.int4_block, config.int4_symmetric)  # a block size it cannot write fails here, before any work
     if config.method not in stats.METHODS:
         raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
@@ -176,7 +179,8 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, pro
     if config.precision == "int4":  # what chose the weights; `smoothed` holds the layers AWQ scaled
         metrics["int4"] = {"method": config.int4_method, "block": config.int4_block,
                            "symmetric": config.int4_symmetric, "act_order": config.int4_act_order,
-                           "awq_layers": len(smoothed)}
+                           "awq_layers": len(smoothed),
+                           "source_grid_layers": sum(map(on_source_grid, (activation_scales or {}).values()))}
     return writer.commit(io=parent.io, metrics=metrics, precision=config.precision)
 
 
@@ -188,6 +192,8 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     if config.precision == "int4":  # weights only: no activation statistics
         if config.int4_method in LIBRARY_METHODS:
             return source, None, _weight_sensitivity(source, config.precision), []
+        if config.int4_method == "grid":
+            return _prepare_grid(source, config, facts, progress)
         return _prepare_int4(source, config, samples, facts, work, progress)
     model = ir.load(str(source))
     rotations = _rotations(config)
@@ -220,6 +226,15 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+def _prepare_grid(source: Path, config: CalibrationConfig, facts: dict, progress):
+    """The layers whose weights already lie on a 4-bit grid of 32 with a float minimum (a Q4_1 GGUF's) keep it;
+    the others take onnxruntime's round-to-nearest. Sensitivity: the library's, as for rtn."""
+    skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
+    grids = source_grids(ir.load(str(source)), skip)
+    progress(f"[calibrate] int4 grid: {len(grids)} layers keep their source's 4-bit grid, the others are rounded")
+    return source, grids, _weight_sensitivity(source, config.precision), []
 
 
 def _prepare_int4(source: Path, config: CalibrationConfig, samples, facts: dict, work: Path, progress):
@@ -274,7 +289,8 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
 def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, destination: Path,
           precision: str, int4: tuple[str, int] = ("rtn", BLOCKS["int4"])) -> Path:
     """The candidate graph. `scales`: the activation scales at int8; at int4, the calibrated int4 weights by
-    layer (None: onnxruntime's quantizer, by `int4`: its method and block)."""
+    layer: their own source grid or calibrated blocks; onnxruntime's quantizer takes every other layer (by `int4`:
+    the method and block)."""
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
         QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
@@ -282,13 +298,15 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
         QuantizeLinearLayersPass(others)(model)
-        if scales is not None:
-            Int4WeightsPass({name: weight for name, weight in scales.items() if name not in keep})(model)
+        given = {name: weight for name, weight in (scales or {}).items() if name not in keep}
+        SourceGridPass({name: w for name, w in given.items() if on_source_grid(w)})(model)
+        Int4WeightsPass({name: w for name, w in given.items() if not on_source_grid(w)})(model)
     else:  # int8; the layers the search returns go wholly to float (the weight-only ones are chosen up front)
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
-    if precision == "int4" and scales is None:
-        quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only), algorithm=int4[0],
+    if precision == "int4":  # what no given weight covers: onnxruntime's quantizer (rtn, or hqq when chosen)
+        covered = frozenset(keep) | frozenset(weight_only) | frozenset(scales or {})
+        quantize_int4(destination, destination, exclude=covered, algorithm="hqq" if int4[0] == "hqq" else "rtn",
                       block=int4[1])
     return destination
 

@@ -17,12 +17,13 @@ import onnx_ir as ir
 
 from export.graph import stats
 from export.graph.awq import AwqPass, gram_error, scaled_gram
-from export.graph.gptq import GptqConfig, Int4Spec, Int4Weight, gptq, rtn
-from export.graph.linear import linear_groups, weight_array, weight_axis
+from export.graph.gptq import GptqConfig, Int4Spec, Int4Weight, gptq, rtn, source_grid
+from export.graph.linear import linear_groups, linear_nodes, weight_array, weight_axis
 
 # onnxruntime's quantizer's (no data) and ours (calibrated on the Gram matrices)
 LIBRARY_METHODS = ("rtn", "hqq")
-METHODS = (*LIBRARY_METHODS, "awq", "gptq", "awq+gptq")
+CALIBRATED_METHODS = ("awq", "gptq", "awq+gptq")
+METHODS = (*LIBRARY_METHODS, *CALIBRATED_METHODS, "grid")
 
 
 @dataclass
@@ -64,8 +65,8 @@ def calibrate_int4(model: ir.Model, source: Path, samples: np.ndarray, facts: di
                    scratch: Path | None = None) -> Int4Plan:
     """Quantize every groupable MatMul layer of `model` (whose graph is `source` on disk, as the Grams are
     collected from it) by `method`; AWQ's folds are applied to `model` in place."""
-    if method in LIBRARY_METHODS or method not in METHODS:
-        raise ValueError(f"calibrated int4 method {method!r} unknown; choose one of {METHODS[2:]}")
+    if method not in CALIBRATED_METHODS:
+        raise ValueError(f"calibrated int4 method {method!r} unknown; choose one of {CALIBRATED_METHODS}")
     groups = _groups(model, skip)
     widths = {name: weight_array(nodes[0]).shape[0] for name, nodes in groups.items()}
     plan = Int4Plan()
@@ -85,3 +86,20 @@ def calibrate_int4(model: ir.Model, source: Path, samples: np.ndarray, facts: di
             plan.errors[node.name] = gram_error(part.dequantized() - weight, gram) / max(
                 gram_error(weight, gram), 1e-30)
     return plan
+
+
+def source_grids(model: ir.Model, skip: frozenset[str] = frozenset()) -> dict[str, Int4Weight]:
+    """The MatMul layers whose weights lie exactly on a 4-bit grid of 32 with a float minimum (a Q4_1 GGUF's),
+    with that grid: carried as it is, they are rounded no second time."""
+    grids = {}
+    for node in linear_nodes(model.graph):
+        if node.name not in skip and node.op_type == "MatMul" and weight_axis(node) == 1:
+            grid = source_grid(weight_array(node))
+            if grid is not None:
+                grids[node.name] = grid
+    return grids
+
+
+def on_source_grid(weight: Int4Weight) -> bool:
+    """A float zero point: a source grid (`source_grid`), which only MatMulNBits can carry."""
+    return weight.zero_point is not None and weight.zero_point.dtype.kind == "f"

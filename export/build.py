@@ -156,7 +156,8 @@ def build_parser() -> OneLineParser:
     calib.add_argument("--int4-method", default=defaults.int4_method, choices=calibrate.INT4_METHODS,
                        help="how int4 weights are chosen: rtn (round-to-nearest) or hqq (half-quadratic, float zero "
                             "points; ONNX Runtime only), onnxruntime's, no data; awq (activation-aware scales), gptq "
-                            "(error-compensating rounding) or awq+gptq, on calibration data")
+                            "(error-compensating rounding) or awq+gptq, on calibration data; grid: layers of a Q4_1 "
+                            "GGUF keep their own 4-bit grid (ONNX Runtime only), the others are rounded")
     calib.add_argument("--int4-block", type=int, default=defaults.int4_block, choices=(32, 64, 128),
                        help="input channels per int4 scale (larger: fewer bytes, less accuracy)")
     calib.add_argument("--int4-asymmetric", action="store_true",
@@ -493,9 +494,10 @@ def build(config: BuildConfig) -> list[StageResult]:
     if backend == "trt":
         for precision in config.precisions:
             trt_engine.check_precision(precision)
-        if "int4" in config.precisions and config.calibration.int4_method == "hqq":
-            raise BadInputError("--int4-method hqq writes MatMulNBits with float zero points, which only ONNX Runtime "
-                                "runs; for --backend trt choose rtn, awq, gptq or awq+gptq")
+        if "int4" in config.precisions and config.calibration.int4_method in ("hqq", "grid"):
+            raise BadInputError(f"--int4-method {config.calibration.int4_method} writes MatMulNBits with float zero "
+                                "points, which only ONNX Runtime runs; for --backend trt choose rtn, awq, gptq or "
+                                "awq+gptq")
     if backend == "ort":  # before the export, so a wrong provider costs nothing
         ort_engine.check_provider(config.engine.provider)
     if config.calibration.data.source is not None:  # a wrong --calib-data is found before minutes of export

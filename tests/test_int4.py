@@ -232,7 +232,8 @@ def test_int4_build_with_a_calibrated_method_writes_int4_blocks_and_records_it(t
     calibrated = next((tmp_path / "store").glob("calibrate-*"))
     manifest = json.loads((calibrated / "manifest.json").read_text())
     assert manifest["metrics"]["int4"] == {"method": "awq+gptq", "block": 64, "symmetric": False, "act_order": True,
-                                           "awq_layers": manifest["metrics"]["int4"]["awq_layers"]}
+                                           "awq_layers": manifest["metrics"]["int4"]["awq_layers"],
+                                           "source_grid_layers": 0}
     assert manifest["metrics"]["int4"]["awq_layers"] > 0
     proto = onnx.load(str(calibrated / "model.onnx"))
     blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.name != "lm_head/weight_dq"]
@@ -304,3 +305,15 @@ def test_source_grid_pass_writes_matmulnbits_that_runs_as_the_source_weight():
     assert model.graph.node(0).name == "model.layers.0.mlp.down_proj"
     feeds = {"x": np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)}
     np.testing.assert_allclose(run_unoptimized(model, feeds), feeds["x"] @ weight, rtol=1e-4, atol=1e-4)
+
+
+def test_source_grids_finds_only_the_layers_on_a_grid(export_factory):
+    from calibration.int4 import on_source_grid, source_grids
+
+    model = ir.load(str(export_factory("llama").file("model.onnx")))
+    assert source_grids(model) == {}  # random weights lie on no 4-bit grid
+    node = next(n for n in model.graph if n.name == "model.layers.0.mlp.down_proj")
+    rows, columns = node.inputs[1].const_value.shape
+    node.inputs[1].const_value = ir.tensor(q4_1_weight(rows, columns))
+    grids = source_grids(model, skip=frozenset({"lm_head"}))
+    assert list(grids) == ["model.layers.0.mlp.down_proj"] and on_source_grid(grids["model.layers.0.mlp.down_proj"])
