@@ -74,7 +74,7 @@ class CalibrationConfig:
     # on the layer's calibration inputs) and awq+gptq are ours; grid keeps the 4-bit grid of a Q4_1 source where
     # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. README, "INT4", has what each
     # measured.
-    int4_method: str = "awq+gptq"
+    int4_method: str = "gptq"
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
     int4_act_order: bool = True  # GPTQ visits the input channels of most energy first
