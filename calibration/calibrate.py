@@ -72,8 +72,9 @@ class CalibrationConfig:
     # float zero point per block; MatMulNBits, ONNX Runtime only) are onnxruntime's quantizer's, without data; awq
     # (activation-aware scales folded into the graph, then rounding), gptq (rounding that compensates each error
     # on the layer's calibration inputs) and awq+gptq are ours; grid keeps the 4-bit grid of a Q4_1 source where
-    # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. README, "INT4", has what each
-    # measured.
+    # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. hqq and grid write float zero
+    # points, for which onnxruntime 1.32's CPU MatMulNBits has no fast kernel: such a layer measured 37x slower
+    # than a symmetric one (FLOAT_ZERO_POINT_NOTE). README, "INT4", has what each measured.
     int4_method: str = "gptq"
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
@@ -190,6 +191,8 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision == "int4":  # weights only: no activation statistics
+        if config.int4_method in ("hqq", "grid"):
+            progress(f"[calibrate] int4 {config.int4_method}: {FLOAT_ZERO_POINT_NOTE}")
         if config.int4_method in LIBRARY_METHODS:
             return source, None, _weight_sensitivity(source, config.precision), []
         if config.int4_method == "grid":
@@ -226,6 +229,11 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+# Said at calibration, so nobody ships a grid or hqq engine unaware of its speed.
+FLOAT_ZERO_POINT_NOTE = ("float zero points: accurate, but onnxruntime's CPU MatMulNBits has no fast kernel for "
+                         "them (one layer measured 37x slower than symmetric int4); for speed use gptq")
 
 
 def _prepare_grid(source: Path, config: CalibrationConfig, facts: dict, progress):

@@ -157,7 +157,8 @@ def build_parser() -> OneLineParser:
                        help="how int4 weights are chosen: rtn (round-to-nearest) or hqq (half-quadratic, float zero "
                             "points; ONNX Runtime only), onnxruntime's, no data; awq (activation-aware scales), gptq "
                             "(error-compensating rounding) or awq+gptq, on calibration data; grid: layers of a Q4_1 "
-                            "GGUF keep their own 4-bit grid (ONNX Runtime only), the others are rounded")
+                            "GGUF keep their own 4-bit grid (ONNX Runtime only), the others are rounded; hqq and grid "
+                            "write float zero points, which onnxruntime's CPU kernels run far slower")
     calib.add_argument("--int4-block", type=int, default=defaults.int4_block, choices=(32, 64, 128),
                        help="input channels per int4 scale (larger: fewer bytes, less accuracy)")
     calib.add_argument("--int4-asymmetric", action="store_true",
