@@ -75,7 +75,7 @@ class CalibrationConfig:
     # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. hqq and grid write float zero
     # points, for which onnxruntime 1.32's CPU MatMulNBits has no fast kernel: such a layer measured 37x slower
     # than a symmetric one (FLOAT_ZERO_POINT_NOTE). README, "INT4", has what each measured.
-    int4_method: str = "gptq"
+    int4_method: str = "awq+gptq"
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
     int4_act_order: bool = True  # GPTQ visits the input channels of most energy first
@@ -233,7 +233,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
 
 # Said at calibration, so nobody ships a grid or hqq engine unaware of its speed.
 FLOAT_ZERO_POINT_NOTE = ("float zero points: accurate, but onnxruntime's CPU MatMulNBits has no fast kernel for "
-                         "them (one layer measured 37x slower than symmetric int4); for speed use gptq")
+                         "them (one layer measured 37x slower than symmetric int4); for speed use awq+gptq")
 
 
 def _prepare_grid(source: Path, config: CalibrationConfig, facts: dict, progress):
