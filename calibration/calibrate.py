@@ -24,7 +24,7 @@ import onnx_ir as ir
 from calibration.int4 import LIBRARY_METHODS, calibrate_int4, on_source_grid, source_grids
 from calibration.int4 import METHODS as INT4_METHODS
 from export.graph import stats
-from export.graph.data import DataConfig, load_samples, within_context
+from export.graph.data import DataConfig, stage_text
 from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
@@ -41,7 +41,7 @@ from export.graph.smoothquant import SmoothQuantPass
 from runtime import accuracy
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import AccuracyError, BadInputError
-from runtime.text import load_codec
+from runtime.ranges import check_ranges, ranged
 
 STAGE = "calibrate"
 PRECISIONS = ("int8", "int8-weight-only", "int4")
@@ -93,13 +93,27 @@ class CalibrationConfig:
     # unverified (no TensorRT here).
     weight_only_at_int8: tuple[str, ...] = ("*.mlp.down_proj",)
     # The accuracy gate: perplexity increase over the fp32 parent, in percent.
-    max_ppl_increase: float = 3.0
+    max_ppl_increase: float = ranged(3.0, "--max-ppl-increase", low=0)
     # Never return more than this share of the linear layers to float: past it, it is not an int8 engine.
-    max_float_fraction: float = 0.10
+    max_float_fraction: float = ranged(0.10, "--max-float-fraction", low=0, high=1)
     # Write the artifact even when the gate is missed (the metrics still say so).
     allow_accuracy_loss: bool = False
-    threads: int = os.cpu_count() or 1
+    threads: int = ranged(os.cpu_count() or 1, "--threads", low=1)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        check_ranges(self)
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"calibration precision {self.precision!r} unknown; choose one of {PRECISIONS}")
+        if self.method not in stats.METHODS:
+            raise BadInputError(f"--calib-method {self.method!r} is unknown; choose one of {', '.join(stats.METHODS)}")
+        if self.int4_method not in INT4_METHODS:
+            raise BadInputError(f"unknown int4 method {self.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
+        if self.int4_method in ("rtn", "grid") and (self.int4_block, self.int4_symmetric) != (BLOCKS["int4"], True):
+            raise BadInputError(f"--int4-method {self.int4_method} writes blocks of 32 (the source's, or onnxruntime's "
+                                "symmetric ones); --int4-block and --int4-asymmetric need another method (hqq, awq, "
+                                "gptq, awq+gptq)")
+        Int4Spec(self.int4_block, self.int4_symmetric)  # a block size it cannot write fails here, before any work
 
 
 def smoothquant_strength(config: CalibrationConfig) -> float | None:
@@ -114,18 +128,8 @@ def stage_config(config: CalibrationConfig) -> dict[str, Any]:
     return asdict(config)
 
 
-def validate(config: CalibrationConfig, layers: list[str]) -> None:
-    if config.precision not in PRECISIONS:
-        raise BadInputError(f"calibration precision {config.precision!r} unknown; choose one of {PRECISIONS}")
-    if config.int4_method not in INT4_METHODS:
-        raise BadInputError(f"unknown int4 method {config.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
-    if config.int4_method in ("rtn", "grid") and (config.int4_block, config.int4_symmetric) != (BLOCKS["int4"], True):
-        raise BadInputError(f"--int4-method {config.int4_method} writes blocks of 32 (the source's, or onnxruntime's "
-                            "symmetric ones); --int4-block and --int4-asymmetric need another method (hqq, awq, "
-                            "gptq, awq+gptq)")
-    Int4Spec(config.int4_block, config.int4_symmetric)  # a block size it cannot write fails here, before any work
-    if config.method not in stats.METHODS:
-        raise BadInputError(f"unknown calibration method {config.method!r}; choose one of {', '.join(stats.METHODS)}")
+def check_layers(config: CalibrationConfig, layers: list[str]) -> None:
+    """What the config can only be checked against once the model is known: the layers --keep-fp names."""
     unknown = [name for name in config.keep_fp if name not in layers]
     if unknown:
         raise BadInputError(f"--keep-fp names no linear layer: {', '.join(unknown)}; layers look like "
@@ -144,30 +148,33 @@ def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str
 @dataclass
 class Candidate:
     kept: list[str]
-    evaluation: accuracy.Evaluation
+    evaluations: dict[str, accuracy.Evaluation]  # by text domain
+    increase: float  # the largest perplexity increase over the domains
     path: Path
 
 
-def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, progress=print) -> Artifact:
+def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, generations: list[dict] | None = None,
+        progress=print) -> Artifact:
+    """The Q/DQ (or weight-only) graph of `parent`, ranges from the calibration text; its gate holds on every
+    held-out domain (`generations`: the teacher's answers, a second domain)."""
     started = time.perf_counter()
     facts = parent.model_facts
     layers = facts["linear_layers"]
-    validate(config, layers)
-    samples = load_samples(within_context(config.data, facts), load_codec(parent), facts["eos_token_ids"])
+    check_layers(config, layers)
+    samples, domains = stage_text(config.data, parent, generations, fit_on_teacher=False)
     with writer.working_folder() as work:
-        progress(f"[calibrate] fp32 reference on {len(samples.evaluation)} held-out windows")
-        reference = accuracy.evaluate_model(parent.file(MODEL_FILE), facts, samples.evaluation, config.threads)
+        progress("[calibrate] fp32 reference on held-out windows: "
+                 + ", ".join(f"{len(w)} of {name}" for name, w in domains.items()))
+        reference = evaluate_on(parent.file(MODEL_FILE), facts, domains, config.threads)
         model_path, activation_scales, sensitivity, smoothed = _prepare(parent, config, samples, work, progress)
-        chosen, tried = _search(model_path, activation_scales, sensitivity, reference, samples, config, facts,
+        chosen, tried = _search(model_path, activation_scales, sensitivity, reference, domains, config, facts,
                                 work, progress)
-        increase = chosen.evaluation.increase_over(reference)
         shutil.copyfile(chosen.path, writer.dir / MODEL_FILE)
         writer.copy_text_files(parent)
     metrics = {
-        "accuracy": {"perplexity_fp32": reference.perplexity, "perplexity": chosen.evaluation.perplexity,
-                     "perplexity_increase_percent": increase, "top1_agreement": chosen.evaluation.agreement(reference),
-                     "gate_percent": config.max_ppl_increase, "passed": increase <= config.max_ppl_increase,
-                     "eval_windows": len(samples.evaluation), "data": samples.source},
+        "accuracy": accuracy.as_metrics(accuracy.domain_records(STAGE, "fp32", chosen.evaluations, reference,
+                                                                limit=config.max_ppl_increase)),
+        "data": samples.source,
         "kept_in_float": chosen.kept,
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),
@@ -319,7 +326,13 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
     return destination
 
 
-def _search(model_path, scales, sensitivity, reference, samples, config, facts, work, progress):
+def evaluate_on(model_path: Path, facts: dict, domains: dict[str, np.ndarray], threads: int
+                ) -> dict[str, accuracy.Evaluation]:
+    return accuracy.evaluate_domains(lambda windows: accuracy.evaluate_model(model_path, facts, windows, threads),
+                                     domains)
+
+
+def _search(model_path, scales, sensitivity, reference, domains, config, facts, work, progress):
     """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
     weight_only = weight_only_layers(config, facts["linear_layers"])
     layers = [name for name in sensitivity if name not in weight_only]  # most sensitive first
@@ -334,18 +347,20 @@ def _search(model_path, scales, sensitivity, reference, samples, config, facts, 
         kept = base + [name for name in layers if name not in base][:extra]
         path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision,
                      (config.int4_method, config.int4_block))
-        evaluation = accuracy.evaluate_model(path, facts, samples.evaluation, config.threads)
-        increase, agreement = evaluation.increase_over(reference), evaluation.agreement(reference)
+        evaluations = evaluate_on(path, facts, domains, config.threads)
+        increase = accuracy.worst_increase(evaluations, reference)
+        held_out = evaluations[accuracy.HELD_OUT]
+        agreement = held_out.agreement(reference[accuracy.HELD_OUT])
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
                       "top1_agreement": agreement})
-        progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}%, top-1 agreement "
-                 f"{agreement:.3f}")
-        candidate = Candidate(kept, evaluation, path)
-        if best is None or evaluation.perplexity < best.evaluation.perplexity:
+        progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}% (worst domain), top-1 "
+                 f"agreement {agreement:.3f}")
+        candidate = Candidate(kept, evaluations, increase, path)
+        if best is None or increase < best.increase:
             best = candidate
         if increase <= config.max_ppl_increase:
             return candidate, tried
-    increase = best.evaluation.increase_over(reference)
+    increase = best.increase
     if not config.allow_accuracy_loss:
         worst = ", ".join(sensitivity[:5])
         raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {increase:+.1f}% (limit "

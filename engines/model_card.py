@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from runtime import artifact as artifacts
+from runtime.accuracy import AccuracyRecord, records_of
 from runtime.model_folder import GENAI_CONFIG, GENERATION_CONFIG, HF_CONFIG, lineage
 
 CARD = "README.md"
@@ -53,18 +54,14 @@ def pipeline_rows(chain: list[artifacts.Artifact], engine_id: str, engine_config
     return rows
 
 
-def accuracy_lines(chain: list[artifacts.Artifact], verification: dict[str, Any] | None) -> list[str]:
-    if not verification:
+def accuracy_lines(chain: list[artifacts.Artifact], records: list[AccuracyRecord]) -> list[str]:
+    if not records:
         return ["Not verified at build time (the engine was built without a verification step)."]
-    logits = verification.get("logits") or {}
-    statistic = logits.get("statistic")
     lines = ["Measured by the engine stage on held-out text through lmforge's runtime, against the float32 "
-             "graph it was built from:", "",
-             f"- perplexity: {verification['perplexity_fp32']:.3f} (fp32) -> {verification['perplexity']:.3f} "
-             f"({verification['perplexity_increase_percent']:+.2f}%)",
-             f"- top-1 agreement with fp32: {verification['top1_agreement']:.3f}"]
-    if statistic:
-        lines.append(f"- logits against fp32 on the same feeds: {statistic} |difference| {logits[statistic]:.2e}")
+             "graph it was built from, and by each stage before it at its own gate:", ""]
+    for art in reversed(chain):  # from the export on, as the pipeline table goes
+        lines += [f"- {art.stage} (`{art.path.name}`): {record.text()}" for record in records_of(art.metrics)]
+    lines += [f"- engine: {record.text()}" for record in records]
     calibrated = next((a for a in chain if a.stage == "calibrate"), None)
     if calibrated and calibrated.metrics.get("kept_in_float"):
         lines.append(f"- layers kept in float by calibration: {', '.join(calibrated.metrics['kept_in_float'])}")
@@ -143,7 +140,7 @@ def model_card(parent: artifacts.Artifact, engine_id: str, engine_config: dict[s
              f"# {model}: {precision} ONNX Runtime engine", "",
              f"Built by lmforge (`python -m export.build`) as artifact `{name}`. " + source_line(chain), "",
              "## Pipeline", "", *pipeline_rows(chain, engine_id, engine_config, metrics), "",
-             "## Accuracy against fp32", "", *accuracy_lines(chain, metrics.get("verification")), "",
+             "## Accuracy against fp32", "", *accuracy_lines(chain, records_of(metrics)), "",
              "## Latency", "", *latency_lines(name, latency), "",
              "## How to run it", "", *usage_lines(name, GENAI_CONFIG in files), "",
              "## Files", "", *files_lines(files)]

@@ -2,9 +2,22 @@
 fastest, with the ONNX contract's inputs and outputs kept so the runtime drives every engine the same way.
 
 1. `FuseAttentionPass` (ours, export/graph/attention.py): attention -> GroupQueryAttention + RotaryEmbedding.
-2. ONNX Runtime's transformer optimizer: RMSNorm / residual-add fusions (SkipSimplifiedLayerNormalization).
+2. ONNX Runtime's transformer optimizer: RMSNorm / residual-add fusions (SkipSimplifiedLayerNormalization),
+   and for the families whose attention stays as exported, GELU, LayerNorm and reshape fusions.
 3. ONNX Runtime's offline graph optimization for the target provider (Q/DQ -> MatMulIntegerToFloat,
    MatMulNBits, constant folding), saved into the artifact so a session starts without redoing it.
+
+Why step 2 is ONNX Runtime's (legacy) optimizer and not onnxscript's rewrite rules, measured by
+`python -m engines.fusion_figures` (`ci/figures-fusion.sh` reruns it; its output is the figures, in the
+README's "Fusion" section): on the default model, onnxscript's normalization and GELU rules give the same
+engine (the same ops after step 3, the same weights and logits), hence the same decode speed, and build
+faster; on the tiny models of every family they match op for op except gpt2, gpt_neox and phi3, where they
+leave shape arithmetic (Concat, Reshape) that ONNX Runtime's reshape fusion folds. Never fewer ops, sometimes
+more: the optimizer stays. onnxscript's own attention rules (`optimize_for_ort`: rotary, SDPA, GQA) do not
+reach GroupQueryAttention on our exports: where we fuse attention they leave several times the ops, decode no
+faster (far slower at int8) and, on the int8 graph, change the logits; so step 1 stays ours. (On the families
+we do not fuse they make MultiHeadAttention with fewer ops, but fail on gpt2 and were not measured for
+accuracy or speed there.)
 """
 
 from __future__ import annotations
@@ -23,11 +36,13 @@ import onnx_ir as ir
 from engines.model_card import CARD, model_card
 from export.graph.attention import AttentionFacts, FuseAttentionPass
 from export.graph.linear import add_initializer
+from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
 from runtime.model_folder import write_genai_config, write_hf_files
 from runtime.ort_session import PROVIDERS as RUNTIME_PROVIDERS
 from runtime.progress import Ticker
+from runtime.ranges import check_ranges, ranged
 from runtime.session import LOGITS_TO_KEEP
 
 STAGE = "engine"
@@ -42,9 +57,14 @@ class EngineConfig:
     # Execution provider the graph is optimized for; ONNX Runtime's offline fusions are provider-specific.
     provider: str = "cpu"
     # Intra-op threads the engine is verified and measured with (recorded; a service may choose others).
-    threads: int = 2
+    threads: int = ranged(2, "--threads", low=1)
     # Replace each layer's exported attention with GroupQueryAttention where the model family allows it.
     fuse_attention: bool = True
+
+    def __post_init__(self):
+        check_ranges(self)
+        if self.provider not in PROVIDERS:
+            raise BadInputError(f"--provider {self.provider!r} is unknown; choose one of: {', '.join(PROVIDERS)}")
 
 
 def stage_config(config: EngineConfig) -> dict[str, Any]:
@@ -52,10 +72,9 @@ def stage_config(config: EngineConfig) -> dict[str, Any]:
 
 
 def check_provider(provider: str) -> None:
+    """Whether this onnxruntime has the (known: EngineConfig checked it) provider: exit 4 when it has not."""
     import onnxruntime
 
-    if provider not in PROVIDERS:
-        raise BadInputError(f"unknown execution provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in onnxruntime.get_available_providers():
         raise LmforgeError(f"this onnxruntime has no {PROVIDERS[provider]}; install onnxruntime-gpu for "
                            "--provider cuda, or use --provider cpu", exit_code=EXIT_BACKEND_UNAVAILABLE)
@@ -72,11 +91,8 @@ def build_graph(parent: Artifact, destination: Path, config: EngineConfig, work:
     if facts is not None and not FuseAttentionPass(facts)(model).modified:
         reason = "no q/k/v/o projections named in the graph"
     last_logits = add_logits_to_keep(model)
-    fused = work / "fused.onnx"
-    ir.save(model, fused)
+    normed = fuse_norms(model, work)
     del model
-    normed = work / "normed.onnx"
-    fuse_norms(fused, normed)
     optimize_offline(normed, destination, config)
     after = op_counts(ir.load(destination))
     return {"attention": reason, "logits_to_keep": last_logits, "ops_before": sum(before.values()),
@@ -102,12 +118,15 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     return True
 
 
-def fuse_norms(source: Path, destination: Path) -> None:
+def fuse_norms(model: ir.Model, work: Path) -> Path:
     """ONNX Runtime's transformer optimizer, only for what it recognises in our export: RMSNorm and the
-    residual add before it. Its own attention fusions do not match a dynamo export; ours did that."""
+    residual add before it. Its own attention fusions do not match a dynamo export; ours did that. Returns the
+    path of the graph it wrote into `work`."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    source, destination = work / "fused.onnx", work / "normed.onnx"
+    ir.save(model, source)
     # The generic ('bert') optimizer without the fusions that would change the graph's inputs (embedding)
     # or that we do ourselves (attention, rotary); the 'gpt2' one rewrites Gemm nodes it assumes have a bias.
     options = FusionOptions("bert")
@@ -117,6 +136,7 @@ def fuse_norms(source: Path, destination: Path) -> None:
                                optimization_options=options, use_gpu=False)
     _keep_contract_inputs(onnx.load(str(source), load_external_data=False), optimized.model)
     optimized.save_model_to_file(str(destination), use_external_data_format=_needs_external_data(source))
+    return destination
 
 
 def _keep_contract_inputs(source: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
@@ -173,7 +193,7 @@ def run(parent: Artifact, writer: ArtifactWriter, config: EngineConfig, verify=N
     write_ecosystem_files(parent, writer, metrics)
     provisional = writer.provisional(parent.io, precision=precision, backend="ort")
     if verify is not None:
-        metrics["verification"] = verify(provisional)
+        metrics["accuracy"] = as_metrics(verify(provisional))
     metrics["latency"] = build_latency(provisional, config)
     files = sorted(p.name for p in writer.dir.iterdir() if p.is_file())
     (writer.dir / CARD).write_text(model_card(parent, writer.ident, writer.config, metrics, files,

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
+from runtime.ranges import check_ranges, ranged
 from runtime.trt_session import DECODE_PROFILE, PLAN_FILE, PREFILL_PROFILE, compatibility_keys, import_cudart
 
 STAGE = "engine"
@@ -34,16 +36,22 @@ MIN_VERIFIED_SEQ = 8
 class TrtConfig:
     # The largest batch and total sequence (past + new) the plan accepts, and the prefill length it is tuned
     # for; the KV cache buffers are sized from these.
-    max_batch: int = 1
-    max_seq: int = 2048
+    max_batch: int = ranged(1, "--max-batch", low=1)
+    max_seq: int = ranged(2048, "--max-seq", low=MIN_VERIFIED_SEQ)  # the build verifies on windows this long
     opt_seq: int = 128
     # Builder scratch memory, in GiB.
-    workspace_gb: float = 4.0
+    workspace_gb: float = ranged(4.0, "--workspace-gb", low=0, low_open=True)
     # Folder of the timing caches (kernel timings, the slow part of a build), one file per TensorRT version and
     # GPU architecture; None: a `tensorrt` folder in the lmforge cache.
     timing_cache_dir: str | None = None
     # Run on later TensorRT versions (lean runtime inside the plan; a little slower).
     version_compatible: bool = False
+
+    def __post_init__(self):
+        check_ranges(self)
+        if not 1 <= self.opt_seq <= self.max_seq:
+            raise BadInputError(f"--opt-seq {self.opt_seq} is outside 1 to --max-seq ({self.max_seq}); give an "
+                                "--opt-seq no longer than --max-seq")
 
 
 def stage_config(config: TrtConfig) -> dict[str, Any]:
@@ -62,17 +70,6 @@ def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise BadInputError(f"TensorRT has no {precision} (it takes weight-only blocks in int4 only); build "
                             f"{', '.join(PRECISIONS)} for --backend trt, or {precision} with --backend ort")
-
-
-def validate(config: TrtConfig) -> None:
-    if not 1 <= config.opt_seq <= config.max_seq or config.max_batch < 1:
-        raise BadInputError(f"profile sizes must satisfy 1 <= --opt-seq ({config.opt_seq}) <= --max-seq "
-                            f"({config.max_seq}) and --max-batch >= 1 ({config.max_batch}); the max is below the opt")
-    if config.max_seq < MIN_VERIFIED_SEQ:
-        raise BadInputError(f"--max-seq {config.max_seq} is too short: the build verifies the plan on windows of "
-                            f"{MIN_VERIFIED_SEQ} or more tokens; give --max-seq {MIN_VERIFIED_SEQ} or more")
-    if config.workspace_gb <= 0:
-        raise BadInputError(f"--workspace-gb {config.workspace_gb}: give a positive size, e.g. 4")
 
 
 # -- optimization profiles ----------------------------------------------------------------------------------
@@ -129,7 +126,6 @@ def profile_shapes(io: dict[str, Any], points: list[tuple[Point, Point, Point]])
 def profiles(io: dict[str, Any], config: TrtConfig) -> list[Profile]:
     """Two optimization profiles over the ONNX contract: prefill (past 0, up to --max-seq new tokens) and
     decode (one new token, any past up to --max-seq - 1). Every input gets (min, opt, max)."""
-    validate(config)
     facts = io["model"]
     if facts.get("max_context") and config.max_seq > facts["max_context"]:
         raise BadInputError(f"--max-seq {config.max_seq} exceeds the model's context of {facts['max_context']}")
@@ -373,6 +369,6 @@ def run(parent: Artifact, writer: ArtifactWriter, config: TrtConfig, verify=None
     shapes = [{name: list(map(list, ranges)) for name, ranges in p.items()} for p in profiles(parent.io, config)]
     metrics = limits | {"profiles": shapes, "build_seconds": round(time.perf_counter() - started, 1)}
     if verify is not None:
-        metrics["verification"] = verify(writer.provisional(parent.io, precision=precision, backend="trt",
-                                                            metrics=limits))
+        metrics["accuracy"] = as_metrics(verify(writer.provisional(parent.io, precision=precision, backend="trt",
+                                                                   metrics=limits)))
     return writer.commit(io=parent.io, metrics=metrics, precision=precision, backend="trt")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import shutil
 import signal
@@ -21,17 +20,35 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
+import runtime
 from calibration import calibrate
 from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
-from engines.verify import Reference, verify
+from engines.verify import Baseline, Reference, verify
 from export import distill, onnx_export, prune, report
-from export.graph.data import DataConfig, load_samples, user_documents, verification_windows, within_context
+from export import teacher as teacher_text
+from export.graph.data import (
+    TEACHER_DOMAIN,
+    DataConfig,
+    balanced_mix,
+    split_windows,
+    stage_text,
+    teacher_samples,
+    user_documents,
+    verification_windows,
+    within_context,
+)
 from export.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from runtime import accuracy, behaviour
 from runtime import artifact as artifacts
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, EXIT_UNEXPECTED, BadInputError, LmforgeError
 from runtime.progress import Ticker
+from runtime.ranges import Range, check_ranges, range_of, ranged
+from runtime.session import SessionOptions
+from runtime.speculative import PAIRED_DRAFT
 
 # Precisions this version builds (float16 is meant for GPUs; it is verified on CPUs too).
 PRECISIONS = ("fp32", "fp16", *calibrate.PRECISIONS)
@@ -56,15 +73,39 @@ class BuildConfig:
     # Where report.json / report.md go (default: the store), and the latency measurement of every engine
     # through the runtime (runs alternated; 0 runs skips it).
     report: Path | None = None
-    bench_runs: int = 3
-    bench_prompt: int = 64
-    bench_gen: int = 32
+    bench_runs: int = ranged(3, "--bench-runs", low=0)
+    bench_prompt: int = ranged(64, "--bench-prompt", low=1)
+    bench_gen: int = ranged(32, "--bench-gen", low=2)  # a time per output token needs a step after the first
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     calibration: calibrate.CalibrationConfig = field(default_factory=calibrate.CalibrationConfig)
     engine: ort_engine.EngineConfig = field(default_factory=ort_engine.EngineConfig)
     tensorrt: trt_engine.TrtConfig = field(default_factory=trt_engine.TrtConfig)
     pruning: prune.PruneConfig = field(default_factory=prune.PruneConfig)
     distillation: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+    # The teacher's answers to built-in prompts (export/teacher.py): a second held-out domain for every gate,
+    # and half the text pruning and distillation fit on. Models without a chat template have none.
+    teacher: teacher_text.TeacherConfig = field(default_factory=teacher_text.TeacherConfig)
+    # The user's own text for distillation (a .txt, a folder of them or a .jsonl, as --calib-data): mixed into its
+    # training windows, and its held-out part a further domain of the healing gate.
+    distill_data: str | None = None
+    # The behaviour check's gate: the least share of probes an engine must answer as the unpruned model does.
+    min_answer_agreement: float | None = ranged(None, "--min-answer-agreement", low=0, high=1)
+    # A draft for speculative decoding, built from the same export: pruning ratios (dropped layers, narrower
+    # MLPs) healed by `draft_steps` of distillation; its engine is recorded in every engine the build makes.
+    draft: tuple[tuple[str, float], ...] = ()
+    draft_steps: int = ranged(200, "--draft-steps", low=0)
+
+    def __post_init__(self):
+        check_ranges(self)
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            named = ", ".join(unknown) if unknown else "(none given)"
+            raise BadInputError(f"unknown precision {named}; choose one or more of: {', '.join(PRECISIONS)}")
+        if self.backend not in BACKENDS:
+            raise BadInputError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+        if self.distillation.steps and not self.pruning.wanted():
+            raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
+                                "--prune-budget or --prune-plan")
 
 
 @dataclass
@@ -83,34 +124,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInputError(f"{message}; see `{self.prog} --help`")
 
 
-def at_least(low: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` no smaller than `low`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is too small; give {low:g} or more")
-        return value
-    return parse
+# Flags that set no config field of their own: --heal-budget becomes the prune stage's budget.
+HEAL_BUDGET = Range("--heal-budget", low=0, low_open=True)
 
 
-def above(low: float) -> Callable[[str], float]:
-    """An argparse type: a number greater than `low`."""
-    def parse(text: str) -> float:
-        value = at_least(-math.inf, float)(text)
-        if not value > low:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than {low:g}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
-    return value
+def flag_type(config_class: type, name: str, kind: type = int) -> Callable[[str], float]:
+    """The argparse type of the flag that sets `config_class.name`: the field's own range (runtime/ranges.py)."""
+    return range_of(config_class, name).parser(kind)
 
 
 def build_parser() -> OneLineParser:
@@ -125,22 +145,24 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run")
     parser.add_argument("--report", default=None, help="folder for report.json and report.md (default: --out)")
-    parser.add_argument("--bench-runs", type=at_least(0), default=BuildConfig.bench_runs,
+    parser.add_argument("--bench-runs", type=flag_type(BuildConfig, "bench_runs"), default=BuildConfig.bench_runs,
                         help="latency runs per engine after the build (0: no measurement)")
-    parser.add_argument("--bench-prompt", type=at_least(1), default=BuildConfig.bench_prompt,
+    parser.add_argument("--bench-prompt", type=flag_type(BuildConfig, "bench_prompt"),
+                        default=BuildConfig.bench_prompt,
                         help="prompt tokens of the latency measurement")
-    parser.add_argument("--bench-gen", type=at_least(2), default=BuildConfig.bench_gen,
+    parser.add_argument("--bench-gen", type=flag_type(BuildConfig, "bench_gen"), default=BuildConfig.bench_gen,
                         help="generated tokens of the latency measurement")
     defaults, data_defaults = calibrate.CalibrationConfig(), DataConfig()
     calib = parser.add_argument_group("calibration and accuracy data (every gate measures on its held-out part)")
     calib.add_argument("--calib-data", default=None,
                        help="a .txt file, a folder of .txt, a .jsonl, or a dataset id (default: Python's docs)")
     calib.add_argument("--calib-field", default=data_defaults.text_field, help="the text field of .jsonl rows")
-    calib.add_argument("--calib-samples", type=at_least(1), default=data_defaults.samples,
+    calib.add_argument("--calib-samples", type=flag_type(DataConfig, "samples"), default=data_defaults.samples,
                        help="calibration windows (more: steadier ranges, longer runs)")
-    calib.add_argument("--calib-seq-len", type=at_least(2), default=data_defaults.seq_len,
+    calib.add_argument("--calib-seq-len", type=flag_type(DataConfig, "seq_len"), default=data_defaults.seq_len,
                        help="tokens per window (capped at the model's context)")
-    calib.add_argument("--eval-samples", type=at_least(1), default=data_defaults.eval_samples,
+    calib.add_argument("--eval-samples", type=flag_type(DataConfig, "eval_samples"),
+                       default=data_defaults.eval_samples,
                        help="held-out windows every accuracy gate measures on")
     calib.add_argument("--calib-seed", type=int, default=data_defaults.seed, help="seed of the window draw")
     calib.add_argument("--calib-chat", action="store_true", help="wrap samples in the model's chat template")
@@ -165,43 +187,66 @@ def build_parser() -> OneLineParser:
                        help="int4 blocks with a zero point each (calibrated methods only)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
-    calib.add_argument("--max-ppl-increase", type=at_least(0.0, float), default=defaults.max_ppl_increase,
+    calib.add_argument("--max-ppl-increase", default=defaults.max_ppl_increase,
+                       type=flag_type(calibrate.CalibrationConfig, "max_ppl_increase", float),
                        help="accuracy gate, percent perplexity increase over fp32")
-    calib.add_argument("--max-float-fraction", type=fraction, default=defaults.max_float_fraction,
+    calib.add_argument("--max-float-fraction", default=defaults.max_float_fraction,
+                       type=flag_type(calibrate.CalibrationConfig, "max_float_fraction", float),
                        help="the largest share of linear layers the search may return to float to meet the gate")
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
     pruning = parser.add_argument_group("structured pruning (before calibration)")
     pruning.add_argument("--prune", default="", help="explicit ratios, e.g. mlp=0.25,heads=0.1,layers=2")
-    pruning.add_argument("--prune-budget", type=above(0), default=None,
-                         help="plan the most pruning whose perplexity increase stays within this percent")
+    pruning.add_argument("--prune-budget", type=flag_type(prune.PruneConfig, "budget", float),
+                         default=None, help="plan the most pruning whose perplexity increase stays within this percent")
     pruning.add_argument("--prune-plan", default=None, help="apply a plan.json saved by an earlier prune stage")
-    pruning.add_argument("--prune-multiple", type=at_least(1), default=prune.PruneConfig.multiple,
+    pruning.add_argument("--prune-multiple", type=flag_type(prune.PruneConfig, "multiple"),
+                         default=prune.PruneConfig.multiple,
                          help="kept MLP widths are multiples of this")
-    pruning.add_argument("--prune-samples", type=at_least(prune.SEARCH_WINDOWS + 1),
+    pruning.add_argument("--prune-samples", type=prune.SAMPLES.parser(int),
                          default=prune.PruneConfig().data.samples,
                          help=f"calibration windows: the first {prune.SEARCH_WINDOWS} judge the budget search and "
                               "the repair, the others give the activation energies")
     pruning.add_argument("--no-prune-repair", action="store_true", help="skip the least-squares refit")
-    pruning.add_argument("--distill-steps", type=at_least(0), default=0,
+    pruning.add_argument("--distill-data", default=None,
+                         help="your own text for distillation (.txt, folder of .txt, .jsonl with --calib-field): "
+                              "mixed into its training windows; its held-out part is a domain the healing gate checks")
+    pruning.add_argument("--draft", default="",
+                         help="also build a draft for speculative decoding from the same export, pruned by these "
+                              "ratios (e.g. layers=20,mlp=0.25) and healed by --draft-steps of distillation; the "
+                              "engines record it, and `--speculative draft` uses it")
+    pruning.add_argument("--draft-steps", type=flag_type(BuildConfig, "draft_steps"), default=BuildConfig.draft_steps,
+                         help="distillation steps healing the draft against the unpruned model")
+    pruning.add_argument("--teacher-prompts", type=flag_type(teacher_text.TeacherConfig, "prompts"),
+                         default=teacher_text.TeacherConfig.prompts,
+                         help="built-in prompts the unpruned model answers (a second held-out text domain for every "
+                              "gate, and half of what pruning and distillation fit on); 0: none")
+    pruning.add_argument("--distill-steps", type=flag_type(distill.DistillConfig, "steps"), default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
-    pruning.add_argument("--heal-budget", type=above(0), default=None,
+    pruning.add_argument("--heal-budget", type=HEAL_BUDGET.parser(float), default=None,
                          help="with --prune-budget and --distill-steps: the perplexity increase the plan may "
                               f"reach before healing (default {HEAL_BUDGET_FACTOR:g}x --prune-budget); the healed "
                               "model must still fit --prune-budget")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--threads", type=at_least(1), default=defaults.threads,
+    engine.add_argument("--threads", type=flag_type(ort_engine.EngineConfig, "threads"),
+                        default=defaults.threads,
                         help="intra-op threads for calibration, verification and the engine's session")
     engine.add_argument("--provider", default=ort_engine.EngineConfig.provider, choices=tuple(ort_engine.PROVIDERS),
                         help="ONNX Runtime execution provider")
     engine.add_argument("--no-fuse-attention", action="store_true",
                         help="keep the exported attention instead of GroupQueryAttention")
+    engine.add_argument("--min-answer-agreement", type=flag_type(BuildConfig, "min_answer_agreement", float),
+                        default=None, help="fail an engine whose answers to the behaviour probes agree with the "
+                                           "unpruned model's on less than this share (0-1; default: report only)")
     trt_defaults = trt_engine.TrtConfig()
     trt = parser.add_argument_group("TensorRT (--backend trt)")
-    trt.add_argument("--max-batch", type=at_least(1), default=trt_defaults.max_batch,
+    trt.add_argument("--max-batch", type=flag_type(trt_engine.TrtConfig, "max_batch"),
+                     default=trt_defaults.max_batch,
                      help="the most sequences one run of the plan takes")
-    trt.add_argument("--max-seq", type=int, default=trt_defaults.max_seq, help="longest past + new sequence")
+    trt.add_argument("--max-seq", type=flag_type(trt_engine.TrtConfig, "max_seq"),
+                     default=trt_defaults.max_seq, help="longest past + new sequence")
     trt.add_argument("--opt-seq", type=int, default=trt_defaults.opt_seq, help="prefill length to tune for")
-    trt.add_argument("--workspace-gb", type=above(0), default=trt_defaults.workspace_gb,
+    trt.add_argument("--workspace-gb", default=trt_defaults.workspace_gb,
+                     type=flag_type(trt_engine.TrtConfig, "workspace_gb", float),
                      help="GPU memory TensorRT may use for tactics while building")
     trt.add_argument("--version-compatible", action="store_true",
                      help="a plan later TensorRT versions can run (lean runtime inside)")
@@ -209,12 +254,9 @@ def build_parser() -> OneLineParser:
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    """The flags as frozen configs, each checking its own values as it is made, so every bad value is refused
+    here, before the first stage runs."""
     args = build_parser().parse_args(argv)
-    precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown or not precisions:
-        raise BadInputError(f"unknown precision {', '.join(unknown) or repr(args.precision)}; choose one or more "
-                            f"of: {', '.join(PRECISIONS)}")
     data = DataConfig(source=args.calib_data, text_field=args.calib_field, samples=args.calib_samples,
                       seq_len=args.calib_seq_len, eval_samples=args.eval_samples, seed=args.calib_seed,
                       chat=args.calib_chat)
@@ -228,13 +270,6 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         threads=args.threads, data=data)
     if args.report:
         report.check_report_folder(Path(args.report))
-    chosen = [flag for flag, given in (("--prune", args.prune), ("--prune-budget", args.prune_budget is not None),
-                                       ("--prune-plan", args.prune_plan)) if given]
-    if len(chosen) > 1:
-        raise BadInputError(f"{' and '.join(chosen)} both choose what to prune; give one of them")
-    if args.distill_steps and not chosen:
-        raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
-                            "--prune-budget or --prune-plan")
     heal_budget = healing_budget(args)
     pruning = prune.PruneConfig(ratios=prune.parse_ratios(args.prune), budget=heal_budget or args.prune_budget,
                                 plan_file=args.prune_plan, multiple=args.prune_multiple,
@@ -242,16 +277,19 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                                 data=replace(data, samples=args.prune_samples))
     tensorrt = trt_engine.TrtConfig(max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
                                     workspace_gb=args.workspace_gb, version_compatible=args.version_compatible)
-    trt_engine.validate(tensorrt)
     engine_config = ort_engine.EngineConfig(provider=args.provider, threads=args.threads,
                                             fuse_attention=not args.no_fuse_attention)
+    precisions = tuple(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     return BuildConfig(model=args.model, precisions=precisions, out=Path(args.out), backend=args.backend,
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
                        pruning=pruning, distillation=distill.DistillConfig(
                            steps=args.distill_steps, max_increase=args.prune_budget if heal_budget else None,
                            allow_accuracy_loss=args.allow_accuracy_loss),
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
-                       bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen)
+                       bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen,
+                       teacher=teacher_text.TeacherConfig(prompts=args.teacher_prompts), distill_data=args.distill_data,
+                       min_answer_agreement=args.min_answer_agreement, draft=prune.parse_ratios(args.draft),
+                       draft_steps=args.draft_steps)
 
 
 def healing_budget(args) -> float | None:
@@ -319,6 +357,7 @@ class Stage:
 
 
 EXPORT = Stage(onnx_export.STAGE, ("export.onnx_export", "export.models"))
+TEACHER = Stage(teacher_text.STAGE, ("export.teacher",))
 PRUNE = Stage(prune.STAGE, ("export.prune",))
 DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "export.graph.data"))
 CALIBRATE = Stage(calibrate.STAGE, ("calibration.calibrate",))
@@ -394,19 +433,58 @@ def run_export(config: BuildConfig) -> StageResult:
                      produce, record={"model": source.spec})
 
 
-def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str) -> StageResult:
+@dataclass(frozen=True)
+class TeacherText:
+    """The teacher stage's answers, as the stages that use them take them."""
+
+    artifact: artifacts.Artifact | None = None
+
+    @functools.cached_property
+    def generations(self) -> list[dict] | None:
+        return teacher_text.conversations(self.artifact) if self.artifact is not None else None
+
+    def identity(self) -> dict:
+        """What enters the ids of the stages that read the answers."""
+        return {"teacher": self.artifact.id} if self.artifact is not None else {}
+
+
+def run_teacher(config: BuildConfig, export: artifacts.Artifact) -> StageResult | None:
+    """The teacher's answers, for a model with a chat template (None without one, or with --teacher-prompts 0)."""
+    if not config.teacher.prompts or not has_chat_template(export):
+        return None
+    return run_stage(config.out, TEACHER, export.id, teacher_text.stage_config(config.teacher),
+                     lambda writer: teacher_text.run(export, writer, config.teacher, config.engine.threads,
+                                                     progress=progress))
+
+
+def has_chat_template(art: artifacts.Artifact) -> bool:
+    from runtime.text import load_codec
+
+    return "tokenizer.json" in art.manifest["files"] and bool(load_codec(art).chat_template)
+
+
+def run_calibrate(config: BuildConfig, parent: artifacts.Artifact, precision: str, teacher: TeacherText
+                  ) -> StageResult:
     calibration_config = replace(config.calibration, precision=precision)
-    return run_stage(config.out, CALIBRATE, parent.id, calibrate.stage_config(calibration_config),
-                     lambda writer: calibrate.run(parent, writer, calibration_config, progress=progress))
+    return run_stage(config.out, CALIBRATE, parent.id, calibrate.stage_config(calibration_config) | teacher.identity(),
+                     lambda writer: calibrate.run(parent, writer, calibration_config, teacher.generations,
+                                                  progress=progress))
 
 
-def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference], backend: str
-               ) -> StageResult:
-    data = config.calibration.data
+def verification_config(config: BuildConfig, teacher: TeacherText) -> dict:
+    """What the fp16 and engine stages' gates depend on, for their ids."""
+    return {"verification_data": asdict(config.calibration.data),
+            "min_answer_agreement": config.min_answer_agreement} | teacher.identity()
+
+
+def run_engine(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline], backend: str,
+               teacher: TeacherText, draft: artifacts.Artifact | None = None) -> StageResult:
     if backend == "ort":
         ort_engine.check_provider(config.engine.provider)
     stage_config = (trt_engine.stage_config(config.tensorrt) if backend == "trt"
-                    else ort_engine.stage_config(config.engine)) | {"verification_data": asdict(data)}
+                    else ort_engine.stage_config(config.engine)) | verification_config(config, teacher)
+    if draft is not None:  # the pair is part of what the engine is: runtime.open finds the draft through it
+        stage_config[PAIRED_DRAFT] = draft.id
 
     def build(writer, check):
         if backend == "trt":
@@ -414,47 +492,38 @@ def run_engine(config: BuildConfig, parent: artifacts.Artifact, reference: Calla
         return ort_engine.run(parent, writer, config.engine, verify=check, progress=progress)
 
     def produce(writer):
-        return build(writer, lambda engine: verify(engine, parent, reference()))
+        return build(writer, lambda engine: verify(engine, parent, baseline()))
 
     return run_stage(config.out, ENGINES[backend], parent.id, stage_config, produce)
 
 
-def reference_of(float_graph: artifacts.Artifact, config: BuildConfig) -> Callable[[], Reference]:
-    """The float graph's held-out evaluation, computed at most once per build and only when a stage needs it
-    (every engine and the fp16 check compare against the same one)."""
+def baseline_of(float_graph: artifacts.Artifact, export: artifacts.Artifact, config: BuildConfig,
+                teacher: TeacherText) -> Callable[[], Baseline]:
+    """The float graph's evaluation on each held-out domain and the unpruned model's answers to the behaviour
+    probes, computed at most once per build and only when a stage needs them (every engine and the fp16 check
+    compare against the same)."""
 
     @functools.cache
-    def reference() -> Reference:
-        windows = verification_windows(float_graph, config.calibration.data)
-        progress(f"[reference] float32 evaluation on {len(windows)} held-out windows")
-        return Reference.of(float_graph, windows, config.engine.threads)
+    def baseline() -> Baseline:
+        from runtime.text import load_codec
 
-    return reference
+        domains = {accuracy.HELD_OUT: verification_windows(float_graph, config.calibration.data)}
+        if teacher.generations:
+            data, facts = within_context(config.calibration.data, float_graph.model_facts), float_graph.model_facts
+            domains[TEACHER_DOMAIN] = teacher_samples(teacher.generations, data, load_codec(float_graph),
+                                                      facts["eos_token_ids"]).evaluation
+        progress("[reference] float32 evaluation on " + ", ".join(f"{len(w)} windows of {name}"
+                                                                  for name, w in domains.items()))
+        references = tuple(Reference.of(float_graph, windows, config.engine.threads, name)
+                           for name, windows in domains.items())
+        answers = None
+        if has_chat_template(export):
+            progress(f"[reference] the unpruned model's answers to {len(behaviour.PROBES)} behaviour probes")
+            with runtime.open(export, SessionOptions(threads=config.engine.threads)) as session:
+                answers = behaviour.answer(session, load_codec(export))
+        return Baseline(references, answers, config.min_answer_agreement)
 
-
-def accuracy_text(metrics: dict) -> str:
-    if "distillation" in metrics:
-        figures = metrics["distillation"]
-        return (f"distilled {figures['steps']} steps: ppl {figures['perplexity_before']:.2f} -> "
-                f"{figures['perplexity_after']:.2f} (teacher {figures['perplexity_teacher']:.2f})")
-    if "parity" in metrics:
-        parity = metrics["parity"]
-        return (f"vs PyTorch: max|dlogits| {parity['max_abs_logits_diff']:.1e}, greedy "
-                f"{parity['greedy_matching']}/{parity['greedy_tokens']}")
-    if "verification" in metrics:
-        check = metrics["verification"]
-        return (f"vs fp32: ppl {check['perplexity_increase_percent']:+.2f}%, top-1 {check['top1_agreement']:.3f}, "
-                f"{check['logits']['statistic']}|dlogits| {check['logits'][check['logits']['statistic']]:.1e}")
-    if "plan" in metrics:
-        acc = metrics["accuracy"]
-        return (f"pruned {metrics['parameters_removed_percent']:.1f}% of parameters: ppl "
-                f"{acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}")
-    if "accuracy" in metrics:
-        acc = metrics["accuracy"]
-        return (f"vs fp32: ppl {acc['perplexity_increase_percent']:+.2f}%, top-1 {acc['top1_agreement']:.3f}, "
-                + (f"{len(metrics['kept_in_float'])} layers float" if "kept_in_float" in metrics
-                   else f"{metrics.get('float16_ops', 0)} ops float16"))
-    return "-"
+    return baseline
 
 
 def summary_table(results: list[StageResult]) -> str:
@@ -463,7 +532,8 @@ def summary_table(results: list[StageResult]) -> str:
         metrics = r.artifact.metrics
         rss = f"{metrics['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in metrics else "-"
         rows.append((r.stage, r.artifact.id, f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss, accuracy_text(metrics)))
+                     f"{r.seconds:.1f}s" + (" (reused)" if r.reused else ""), rss,
+                     accuracy.records_text(accuracy.records_of(metrics))))
     return report.format_rows(rows)
 
 
@@ -477,10 +547,11 @@ def comparison_table(results: list[StageResult]) -> str:
             continue
         if r.stage != ort_engine.STAGE:
             continue
-        check, cal = r.artifact.metrics.get("verification", {}), calibrated or {}
+        check, cal = accuracy.held_out(accuracy.records_of(r.artifact.metrics)), calibrated or {}
         rows.append((r.artifact.manifest.get("precision", "fp32"), r.artifact.id,
                      f"{r.artifact.size_bytes() / 1e6:.1f} MB",
-                     f"{check.get('perplexity_increase_percent', 0):+.2f}%", f"{check.get('top1_agreement', 1):.3f}",
+                     f"{check.perplexity_increase_percent:+.2f}%" if check else "-",
+                     f"{check.top1_agreement:.3f}" if check else "-",
                      str(len(cal.get("kept_in_float", []))) if cal else "-",
                      f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
         calibrated = None
@@ -503,63 +574,119 @@ def build(config: BuildConfig) -> list[StageResult]:
         ort_engine.check_provider(config.engine.provider)
     if config.calibration.data.source is not None:  # a wrong --calib-data is found before minutes of export
         user_documents(config.calibration.data)
+    if config.distill_data is not None:
+        user_documents(replace(config.calibration.data, source=config.distill_data))
     export = run_export(config)
     results = [export]
     return_freed_memory()
+    answered = run_teacher(config, export.artifact)
+    results += [answered] if answered else []
+    teacher = TeacherText(answered.artifact if answered else None)
+    draft = None
+    if config.draft:
+        draft_results = build_draft(config, export.artifact, teacher, backend)
+        results += draft_results
+        draft = draft_results[-1].artifact
     float_graph = export
     if config.pruning.wanted():
-        float_graph = run_prune(config, export.artifact)
+        float_graph = run_prune(config, export.artifact, teacher)
         results.append(float_graph)
         if config.distillation.steps:
-            float_graph = run_distill(config, float_graph.artifact)
+            float_graph = run_distill(config, float_graph.artifact, teacher)
             results.append(float_graph)
-    reference = reference_of(float_graph.artifact, config)
+    baseline = baseline_of(float_graph.artifact, export.artifact, config, teacher)
     for precision in config.precisions:
         parent = float_graph
         if precision in calibrate.PRECISIONS:
-            parent = run_calibrate(config, float_graph.artifact, precision)
+            parent = run_calibrate(config, float_graph.artifact, precision, teacher)
             results.append(parent)
         elif precision == "fp16":
-            parent = run_fp16(config, float_graph.artifact, reference)
+            parent = run_fp16(config, float_graph.artifact, baseline, teacher)
             results.append(parent)
-        results.append(run_engine(config, parent.artifact, reference, backend=backend))
+        results.append(run_engine(config, parent.artifact, baseline, backend, teacher, draft))
     return results
 
 
-def run_fp16(config: BuildConfig, parent: artifacts.Artifact, reference: Callable[[], Reference]) -> StageResult:
-    data = config.calibration.data
+def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: TeacherText, backend: str
+                ) -> list[StageResult]:
+    """The draft's stages: the export pruned by `config.draft`, healed by distillation against the unpruned model
+    (no budget: a draft is judged by the speed-up it gives, not its perplexity), in the build's first precision.
+    Its engine is verified against its own float graph, without the behaviour gate."""
+    progress(f"[draft] pruning {dict(config.draft)} for a speculative-decoding draft")
+    settings = replace(config, pruning=prune.PruneConfig(ratios=config.draft, multiple=config.pruning.multiple,
+                                                         threads=config.pruning.threads, data=config.pruning.data),
+                       distillation=replace(config.distillation, steps=config.draft_steps, max_increase=None),
+                       min_answer_agreement=None)
+    results = [run_prune(settings, export, teacher)]
+    if settings.distillation.steps:
+        results.append(run_distill(settings, results[-1].artifact, teacher))
+    float_graph = results[-1].artifact
+    precision = config.precisions[0]
+    parent = float_graph
+    if precision in calibrate.PRECISIONS:
+        results.append(run_calibrate(settings, float_graph, precision, teacher))
+        parent = results[-1].artifact
+    elif precision == "fp16":
+        results.append(run_fp16(settings, float_graph, baseline_of(float_graph, export, settings, teacher), teacher))
+        parent = results[-1].artifact
+    results.append(run_engine(settings, parent, baseline_of(float_graph, export, settings, teacher), backend, teacher))
+    return results
 
+
+def run_fp16(config: BuildConfig, parent: artifacts.Artifact, baseline: Callable[[], Baseline],
+             teacher: TeacherText) -> StageResult:
     def produce(writer):
-        return fp16.run(parent, writer, reference(), allow_loss=config.calibration.allow_accuracy_loss,
+        return fp16.run(parent, writer, baseline(), allow_loss=config.calibration.allow_accuracy_loss,
                         progress=progress)
 
-    return run_stage(config.out, FP16, parent.id, {"verification_data": asdict(data)}, produce)
+    return run_stage(config.out, FP16, parent.id, verification_config(config, teacher), produce)
 
 
-def run_distill(config: BuildConfig, pruned: artifacts.Artifact) -> StageResult:
+def run_distill(config: BuildConfig, pruned: artifacts.Artifact, teacher: TeacherText) -> StageResult:
     from export.graph.pruning import PrunePlan
-    from runtime.text import load_codec
 
     source = resolve(config.model, trust_remote_code=config.trust_remote_code)
     settings = config.distillation
 
     def produce(writer):
+        train, domains = distillation_text(config, pruned, teacher)
+        model, tokenizer = load_model(source), load_tokenizer(source)
+        return distill.run(model, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), train, domains, writer,
+                           settings, config.export, progress=progress)
+
+    identity = distill.stage_config(settings) | teacher.identity() | {"distill_data": config.distill_data}
+    return run_stage(config.out, DISTILL, pruned.id, identity, produce)
+
+
+DISTILL_DATA_DOMAIN = "distill-data"  # the held-out part of --distill-data
+
+
+def distillation_text(config: BuildConfig, pruned: artifacts.Artifact, teacher: TeacherText
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The windows distillation trains on (the calibration text and the teacher's answers half and half; with
+    --distill-data, that mix and the user's text half and half) and the held-out windows, by domain, its gate
+    checks."""
+    from runtime.text import load_codec
+
+    settings = config.distillation
+    data = replace(config.calibration.data, samples=settings.samples, seq_len=settings.seq_len)
+    samples, domains = stage_text(data, pruned, teacher.generations, fit_on_teacher=True)
+    train = samples.calibration
+    if config.distill_data:
         facts = pruned.model_facts
-        data = replace(config.calibration.data, samples=settings.samples, seq_len=settings.seq_len)
-        samples = load_samples(within_context(data, facts), load_codec(pruned), facts["eos_token_ids"])
-        teacher, tokenizer = load_model(source), load_tokenizer(source)
-        return distill.run(teacher, tokenizer, PrunePlan.from_json(pruned.metrics["plan"]), samples.calibration,
-                           samples.evaluation, writer, settings, config.export, progress=progress)
+        documents = user_documents(replace(data, source=config.distill_data))
+        own, held_out = split_windows(documents, within_context(data, facts).seq_len, load_codec(pruned),
+                                      facts["eos_token_ids"])
+        if not len(own) or not len(held_out):
+            raise BadInputError(f"--distill-data {config.distill_data} gives {len(own)} training and {len(held_out)} "
+                                f"held-out windows of {settings.seq_len} tokens; pass more text")
+        train, domains[DISTILL_DATA_DOMAIN] = balanced_mix(train, own), held_out[: data.eval_samples]
+    return train, domains
 
-    return run_stage(config.out, DISTILL, pruned.id, distill.stage_config(settings), produce)
 
-
-def run_prune(config: BuildConfig, parent: artifacts.Artifact) -> StageResult:
-    if config.pruning.plan_file and not Path(config.pruning.plan_file).is_file():
-        raise BadInputError(f"--prune-plan {config.pruning.plan_file} does not exist; pass the plan.json of a "
-                            "prune artifact")
-    return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning),
-                     lambda writer: prune.run(parent, writer, config.pruning, progress=progress))
+def run_prune(config: BuildConfig, parent: artifacts.Artifact, teacher: TeacherText) -> StageResult:
+    return run_stage(config.out, PRUNE, parent.id, prune.stage_config(config.pruning) | teacher.identity(),
+                     lambda writer: prune.run(parent, writer, config.pruning, teacher.generations, progress=progress))
 
 
 def return_freed_memory() -> None:

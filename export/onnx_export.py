@@ -17,13 +17,16 @@ import numpy as np
 
 from export.graph.linear import projection_nodes
 from export.graph.naming import MLP_OUTPUTS, NameLinearLayersPass, split_layer_name
+from runtime.accuracy import AccuracyRecord, as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.baselines import plain_greedy, plain_session
 from runtime.contract import kv_names
 from runtime.errors import AccuracyError
 from runtime.model_folder import GENERATION_CONFIG, HF_CONFIG, pruned_hf_config, write_json
+from runtime.ranges import check_ranges, ranged
 
 STAGE = "export"
+PARITY_DOMAIN = "parity prompt"  # the accuracy record's domain: PARITY_PROMPT and the greedy tokens after it
 PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village,"
 
 
@@ -33,13 +36,16 @@ class ExportConfig:
     # parse it, while opset >= 23 may fuse SDPA into an `Attention` node whose KV inputs TensorRT rejects.
     opset: int = 18
     # Max |logits_onnx - logits_torch| allowed over the prefill and decode steps; fp32 export noise is ~1e-4.
-    parity_atol: float = 1e-3
+    parity_atol: float = ranged(1e-3, "parity_atol", low=0)
     # Decode steps whose logits are compared after the prefill.
-    parity_decode_steps: int = 8
+    parity_decode_steps: int = ranged(8, "parity_decode_steps", low=0)
     # Greedy tokens that must be identical between ONNX Runtime and PyTorch.
-    parity_greedy_tokens: int = 32
+    parity_greedy_tokens: int = ranged(32, "parity_greedy_tokens", low=1)
     # Protobuf cannot hold more than 2 GiB, so larger weights go to an external data file beside the model.
-    external_data_threshold_bytes: int = 2 * 1024**3
+    external_data_threshold_bytes: int = ranged(2 * 1024**3, "external_data_threshold_bytes", low=0)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def _kv_cache_wrapper(model):
@@ -227,8 +233,10 @@ def torch_greedy(model, prompt: np.ndarray, steps: int) -> tuple[list[int], list
     return tokens, logits
 
 
-def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportConfig) -> dict[str, Any]:
-    """ONNX Runtime against PyTorch: max |logits diff| over prefill + decode steps, and greedy tokens."""
+def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportConfig
+                 ) -> tuple[AccuracyRecord, dict[str, Any]]:
+    """ONNX Runtime against PyTorch: max |logits diff| over prefill + decode steps, and greedy tokens. Returns
+    the gate's record (top-1 agreement: the share of greedy tokens that are PyTorch's) and the run's details."""
     prompt = parity_prompt_ids(tokenizer, facts["vocab_size"])
     ort_run = plain_greedy(plain_session(onnx_path), facts, prompt, config.parity_greedy_tokens)
     ort_tokens, ort_logits = ort_run.tokens, ort_run.last_logits
@@ -237,20 +245,17 @@ def check_parity(model, onnx_path: Path, facts: dict, tokenizer, config: ExportC
     max_diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits[:compared], ref_logits[:compared]))
     same = sum(1 for a, b in zip(ort_tokens, ref_tokens) if a == b)
     first_mismatch = next((i for i, (a, b) in enumerate(zip(ort_tokens, ref_tokens)) if a != b), None)
-    return {
-        "max_abs_logits_diff": max_diff,
-        "steps_compared": compared,
-        "greedy_tokens": len(ref_tokens),
-        "greedy_tokens_identical": first_mismatch is None,
-        "greedy_first_mismatch": first_mismatch,
-        "greedy_matching": same,
-        "passed": max_diff <= config.parity_atol and first_mismatch is None,
-    }
+    record = AccuracyRecord(STAGE, "pytorch", passed=max_diff <= config.parity_atol and first_mismatch is None,
+                            top1_agreement=same / len(ref_tokens), logits_diff=max_diff,
+                            logits_limit=config.parity_atol, domain=PARITY_DOMAIN)
+    return record, {"steps_compared": compared, "greedy_tokens": len(ref_tokens),
+                    "greedy_first_mismatch": first_mismatch}
 
 
-def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_metrics: dict | None = None
-        ) -> Artifact:
-    """Export into the writer's folder, check parity, and commit the artifact (or fail with exit code 3)."""
+def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_metrics: dict | None = None,
+        extra_records: tuple[AccuracyRecord, ...] = ()) -> Artifact:
+    """Export into the writer's folder, check parity, and commit the artifact (or fail with exit code 3).
+    A stage that exports a model of its own (distill) adds its metrics and its gate's records."""
     started = time.perf_counter()
     onnx_path = writer.dir / MODEL_FILE
     linear_layers = export_onnx(model, onnx_path, config)
@@ -260,13 +265,14 @@ def run(model, tokenizer, writer: ArtifactWriter, config: ExportConfig, extra_me
     if tokenizer is not None:
         tokenizer.save_pretrained(writer.dir)
     write_hf_files(model, facts, writer.dir)
-    parity = check_parity(model, onnx_path, facts, tokenizer, config)
-    if not parity["passed"]:
+    record, parity = check_parity(model, onnx_path, facts, tokenizer, config)
+    if not record.passed:
         raise AccuracyError(
-            f"exported ONNX disagrees with PyTorch: max |logits diff| {parity['max_abs_logits_diff']:.2e} "
+            f"exported ONNX disagrees with PyTorch: max |logits diff| {record.logits_diff:.2e} "
             f"(limit {config.parity_atol:.0e}), first differing greedy token at step "
             f"{parity['greedy_first_mismatch']}; report this model and your torch/transformers versions")
     metrics = {
+        "accuracy": as_metrics([record, *extra_records]),
         "parity": parity,
         "export_seconds": round(export_seconds, 2),
         "stage_seconds": round(time.perf_counter() - started, 2),

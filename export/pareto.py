@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from export.report import format_rows, measure_latency
+from runtime import accuracy
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError, LmforgeError
 
@@ -32,8 +33,8 @@ def variants(by_id: dict[str, artifacts.Artifact]) -> list[tuple[artifacts.Artif
 
 
 def describe(engine: artifacts.Artifact, pruned: artifacts.Artifact | None, by_id: dict) -> dict:
-    check = engine.metrics.get("verification", {})
-    row = {"engine": engine.id, "size_mb": engine.size_bytes() / 1e6, "perplexity": check.get("perplexity")}
+    check = accuracy.held_out(accuracy.records_of(engine.metrics))
+    row = {"engine": engine.id, "size_mb": engine.size_bytes() / 1e6, "perplexity": check and check.perplexity}
     if pruned is None:
         row |= {"variant": "unpruned"}
         return row

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from runtime import artifact as artifacts
+from runtime.accuracy import HELD_OUT, AccuracyRecord, records_text
 from runtime.bench import THIS, measure
 from runtime.errors import BadInputError
 from runtime.session import SessionOptions
 
-SCHEMA_VERSION = 1
+# 2: every stage's accuracy as a list of accuracy records (runtime/accuracy.py), one per text domain, in
+# `stages[].accuracy` and `engines[].accuracy` alike (1 had one dict per engine, in the engine gate's own shape).
+SCHEMA_VERSION = 2
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
@@ -48,7 +51,6 @@ def engine_entry(engine: artifacts.Artifact, by_id: dict[str, artifacts.Artifact
     chain = _parents(engine, by_id)
     calibrated = next((a for a in chain if a.stage == "calibrate"), None)
     pruned = next((a for a in chain if a.stage == "prune"), None)
-    check = engine.metrics.get("verification", {})
     figures = latency.get(engine.id, {})
     return {
         "precision": engine.manifest.get("precision"),
@@ -56,8 +58,7 @@ def engine_entry(engine: artifacts.Artifact, by_id: dict[str, artifacts.Artifact
         "engine_id": engine.id,
         "path": str(engine.path),
         "size_bytes": engine.size_bytes(),
-        "accuracy": {k: check.get(k) for k in ("perplexity_fp32", "perplexity", "perplexity_increase_percent",
-                                               "top1_agreement")} | {"logits": check.get("logits")},
+        "accuracy": engine.metrics.get("accuracy", []),
         "latency": {k: figures.get(k) for k in ("ttft_ms", "tpot_ms", "tokens_per_second")},
         "kept_in_float": calibrated.metrics.get("kept_in_float", []) if calibrated else [],
         "pruning_plan": pruned.metrics.get("plan") if pruned else None,
@@ -84,7 +85,8 @@ def build_report(results, model: str, latency: dict, wall_seconds: float) -> dic
         "stages": [{"stage": r.stage, "artifact_id": r.artifact.id, "path": str(r.artifact.path),
                     "precision": r.artifact.manifest.get("precision"), "seconds": round(r.seconds, 1),
                     "reused": r.reused, "size_bytes": r.artifact.size_bytes(),
-                    "peak_rss_mb": r.artifact.metrics.get("peak_rss_mb")} for r in results],
+                    "peak_rss_mb": r.artifact.metrics.get("peak_rss_mb"),
+                    "accuracy": r.artifact.metrics.get("accuracy", [])} for r in results],
         "engines": [engine_entry(e, by_id, latency) for e in engines],
         "versions": engines[0].manifest.get("versions", {}) if engines else {},
     }
@@ -93,16 +95,18 @@ def build_report(results, model: str, latency: dict, wall_seconds: float) -> dic
 def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
     lines = [f"# lmforge build report: {report['model']}", "",
              f"Built {report['created']} in {report['wall_seconds']:.0f} s (schema {report['schema_version']}).", "",
-             "## Stages", "", "| stage | artifact | precision | time | size | peak RSS |", "|---|---|---|---|---|---|"]
+             "## Stages", "", "| stage | artifact | precision | time | size | peak RSS | accuracy |",
+             "|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         rss = f"{s['peak_rss_mb'] / 1024:.2f} GB" if s["peak_rss_mb"] else "-"
         lines.append(f"| {s['stage']} | `{s['artifact_id']}` | {s['precision']} | {s['seconds']:.1f} s"
-                     f"{' (reused)' if s['reused'] else ''} | {s['size_bytes'] / 1e6:.1f} MB | {rss} |")
+                     f"{' (reused)' if s['reused'] else ''} | {s['size_bytes'] / 1e6:.1f} MB | {rss} | "
+                     f"{_cell(records_text(map(AccuracyRecord.from_dict, s['accuracy'])))} |")
     lines += ["", "## Engines", "",
               "| precision | engine | size | ppl vs fp32 | top-1 | TTFT ms | TPOT p50 | p90 | p99 | tok/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["engines"]:
-        acc, lat = e["accuracy"], e["latency"]
+        acc, lat = held_out(e), e["latency"]
         tpot = lat.get("tpot_ms") or {}
         lines.append(f"| {e['precision']} | `{e['engine_id']}` | {e['size_bytes'] / 1e6:.1f} MB | "
                      f"{_num(acc.get('perplexity_increase_percent'), '+.2f')}% | "
@@ -120,6 +124,16 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
     lines += ["", "## Plots", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots] or [plot_note or "none"]
     return "\n".join(lines) + "\n"
+
+
+def held_out(entry: dict) -> dict:
+    """A report entry's accuracy record on the build's held-out text, as report.json holds it ({} if none)."""
+    return next((record for record in entry["accuracy"] if record["domain"] == HELD_OUT), {})
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a bare `|` (as in `max|dlogits|`) would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _num(value, spec: str) -> str:
@@ -153,9 +167,10 @@ def plot(report: dict, latency: dict, folder: Path) -> tuple[list[str], str | No
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for e in engines:
         tpot = (e["latency"].get("tpot_ms") or {}).get("p50")
-        if tpot is not None and e["accuracy"].get("perplexity") is not None:
-            axes.scatter(tpot, e["accuracy"]["perplexity"])
-            axes.annotate(e["precision"], (tpot, e["accuracy"]["perplexity"]))
+        perplexity = held_out(e).get("perplexity")
+        if tpot is not None and perplexity is not None:
+            axes.scatter(tpot, perplexity)
+            axes.annotate(e["precision"], (tpot, perplexity))
     axes.set_xlabel("TPOT p50 (ms)")
     axes.set_ylabel("perplexity")
     paths.append(_save(figure, folder / "perplexity_vs_tpot.png"))

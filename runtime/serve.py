@@ -46,6 +46,7 @@ from runtime.openai_api import (
 )
 from runtime.service import DEFAULT_MAX_CONTEXT, Job, QueueFullError, Service, ServiceClosedError, ServiceConfig
 from runtime.session import SessionOptions
+from runtime.speculative import METHODS
 from runtime.text import load_codec
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
@@ -96,6 +97,11 @@ class Metrics:
                                          "prefix cache", registry=self.registry)
         self.prefix_hit = prom.Counter("lmforge_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                        registry=self.registry)
+        # Acceptance rate: accepted / draft tokens.
+        self.drafted = prom.Counter("lmforge_speculative_draft_tokens", "Draft tokens checked by speculative "
+                                    "decoding", registry=self.registry)
+        self.accepted = prom.Counter("lmforge_speculative_accepted_tokens", "Draft tokens the engine accepted",
+                                     registry=self.registry)
 
     def watch(self, service: Service) -> None:
         """Gauges read from the service at each scrape."""
@@ -109,6 +115,11 @@ class Metrics:
         if self.registry is not None:
             self.prefix_query.inc(prompt_tokens)
             self.prefix_hit.inc(hit_tokens)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        if self.registry is not None:
+            self.drafted.inc(drafted)
+            self.accepted.inc(accepted)
 
     def observe(self, job: Job) -> None:
         if self.registry is None:
@@ -642,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens prefilled per step: the most a running stream stalls for a newcomer")
     parser.add_argument("--prefix-cache-mb", type=float, default=defaults.prefix_cache_mb,
                         help="memory for cached prompt prefixes (0: off)")
+    parser.add_argument("--speculative", choices=METHODS, default=None,
+                        help="speculative decoding for a request while it runs alone (continuous batching): "
+                             "ngram (prompt lookup) or draft (with --draft)")
+    parser.add_argument("--draft", default=None, help="the draft engine for --speculative draft (same tokenizer)")
     parser.add_argument("--no-continuous-batching", action="store_true",
                         help="static batching: a batch runs to its end before the next starts (for comparison)")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens)
@@ -704,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         options = SessionOptions(threads=args.threads) if args.threads else SessionOptions()
         config = ServiceConfig(max_batch=args.max_batch, max_context=args.max_context,
                                prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb,
-                               queue_size=args.queue_size, continuous=not args.no_continuous_batching)
+                               queue_size=args.queue_size, continuous=not args.no_continuous_batching,
+                               speculative=args.speculative, draft=args.draft)
         app = create_app(art, args.name, options, Limits(args.max_tokens, args.max_prompt_tokens), config,
                          access=access)
     except LmforgeError as exc:

@@ -42,6 +42,7 @@ from runtime.errors import BadInputError, LmforgeError
 from runtime.generate import GenerationConfig, Sampler, generate
 from runtime.prefix_cache import PrefixCache
 from runtime.session import Session
+from runtime.speculative import Governor, TokenPicker, check_speculation_flags, open_speculator
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 
@@ -68,6 +69,11 @@ class ServiceConfig:
     queue_size: int = 64
     # False: the static scheduler even where the engine could batch continuously (for comparison).
     continuous: bool = True
+    # Speculative decoding ('ngram', or 'draft' with `draft` an engine artifact of the same tokenizer) for a
+    # sequence while it runs alone: at batch 1 a decode step reads every weight for one token, and speculation
+    # checks several with that read; with more rows running, batching already shares it (continuous only).
+    speculative: str | None = None
+    draft: str | None = None
 
     def validate(self) -> None:
         for name in ("max_batch", "prefill_chunk", "queue_size"):
@@ -77,6 +83,7 @@ class ServiceConfig:
             raise BadInputError(f"max-context must be at least 2, got {self.max_context}")
         if self.prefix_cache_mb < 0:
             raise BadInputError(f"prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
+        check_speculation_flags(self.speculative, self.draft)
 
 
 DEFAULT_MAX_CONTEXT = 2048  # per slot: with 16 slots, 1.5 GB of fp32 KV for the default model
@@ -110,6 +117,9 @@ class Job:
     started: float | None = None
     first_token: float | None = None
     cached_tokens: int = 0  # prompt positions that came from the prefix cache
+    speculative: bool = True  # may the service speculate for this request (where it has a speculator)
+    drafted_tokens: int = 0  # speculative decoding: draft tokens checked, and how many the engine accepted
+    accepted_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
     prompt_scores: list[Token] = field(default_factory=list)
     finished: bool = False
@@ -186,6 +196,8 @@ class Service:
     def __init__(self, session: Session, config: ServiceConfig = ServiceConfig(), metrics=None):
         config.validate()
         self.session, self.config, self.metrics = session, config, metrics
+        self.speculator = open_speculator(config.speculative, config.draft, session.artifact,
+                                          getattr(session, "options", None))
         self.max_context = slot_context(session.artifact.model_facts, config)
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._closing = False
@@ -202,10 +214,11 @@ class Service:
         self._worker.start()
 
     def submit(self, prompt: list[int], config: GenerationConfig, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> Job:
-        """Queue a request; raises BadInputError (it can never run), QueueFullError or ServiceClosedError."""
+               prompt_logprobs: bool = False, speculative: bool = True) -> Job:
+        """Queue a request; raises BadInputError (it can never run), QueueFullError or ServiceClosedError.
+        `speculative=False` keeps a service's speculation off for this request."""
         config.validate()
-        job = Job(list(prompt), config, logprobs, prompt_logprobs)
+        job = Job(list(prompt), config, logprobs, prompt_logprobs, speculative=speculative)
         self._check(job)
         if self._closing:
             raise ServiceClosedError("the service is shutting down; retry on another replica")
@@ -244,6 +257,8 @@ class Service:
         except queue.Full:
             pass
         self._worker.join(timeout=timeout + 5)
+        if self.speculator is not None and not self._worker.is_alive():
+            self.speculator.close()
 
 
 def _fail(job: Job, exc: Exception) -> None:
@@ -278,6 +293,18 @@ class _Slot:
     stop: frozenset = frozenset()
     next_token: int = 0  # what the next decode step feeds
     admitted: int = 0  # admission order: prefill is first come, first served
+    speculation: _Speculation | None = None
+
+
+@dataclass(eq=False)
+class _Speculation:
+    """One sequence's speculative decoding: its proposer, the governor that sets the draft length and switches
+    speculation off where it does not pay, and the token picker whose random stream the rejection rule uses
+    (every token of the sequence comes from it)."""
+
+    proposer: object
+    governor: Governor
+    picker: TokenPicker
 
 
 class _Continuous:
@@ -295,6 +322,7 @@ class _Continuous:
         self.deadline: float | None = None
         self._stopping = False
         self._admitted = 0
+        self._proposing_for: Job | None = None  # whose text the proposers' state follows (a draft's cache)
 
     def memory(self) -> dict:
         return {"kv_cache_bytes": self.kv_bytes, "prefix_cache_bytes": self.prefix.bytes if self.prefix else 0}
@@ -305,7 +333,11 @@ class _Continuous:
                    "hit_tokens": self.prefix.hit_tokens, "query_tokens": self.prefix.query_tokens}
                   if self.prefix else None)
         return {"slots_active": len(active), "prefilling": sum(1 for s in active if s.pending),
-                "prefix_cache": prefix} | self.memory()
+                "prefix_cache": prefix} | self.memory() | self._speculation_stats()
+
+    def _speculation_stats(self) -> dict:
+        speculator = self.service.speculator
+        return {"speculative": speculator.config.method if speculator is not None else None}
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -365,6 +397,10 @@ class _Continuous:
         job.started = time.perf_counter()
         config = job.config
         slot.job, slot.sampler, slot.length = job, Sampler(config), 0
+        speculator = self.service.speculator
+        slot.speculation = (_Speculation(speculator.proposer(), Governor(speculator.config),
+                                         TokenPicker(config.temperature, config.top_k, config.top_p, config.seed))
+                            if speculator is not None and job.speculative else None)
         slot.stop = self.eos if config.stop_token_ids is None else frozenset(config.stop_token_ids)
         self._admitted += 1
         slot.admitted = self._admitted
@@ -387,7 +423,7 @@ class _Continuous:
                 self._free(slot)
 
     def _free(self, slot: _Slot) -> None:
-        slot.job, slot.sampler, slot.pending, slot.length = None, None, [], 0
+        slot.job, slot.sampler, slot.pending, slot.length, slot.speculation = None, None, [], 0, None
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -417,24 +453,68 @@ class _Continuous:
         running = [s for s in self.slots if s.job is not None and not s.pending and s.length > 0]
         if not running:
             return
-        rows = max(s.index for s in running) + 1
-        ids = np.zeros((rows, 1), np.int64)
-        lengths = np.zeros(rows, np.int64)
-        for slot in self.slots[:rows]:
+        alone = running[0] if len(running) == 1 and sum(s.job is not None for s in self.slots) == 1 else None
+        if alone is not None and alone.speculation is not None and self._speculate(alone):
+            return
+        started = time.perf_counter()
+        first, end = min(s.index for s in running), max(s.index for s in running) + 1  # the busy rows' range
+        ids = np.zeros((end - first, 1), np.int64)
+        lengths = np.zeros(end - first, np.int64)
+        for slot in self.slots[first:end]:
             # A slot mid-prefill runs along at its own length: the position it writes is its next chunk's first.
-            lengths[slot.index] = slot.length
+            lengths[slot.index - first] = slot.length
         for slot in running:
-            ids[slot.index, 0] = slot.next_token
-        logits = self.session.run_slots(0, ids, lengths)[:, 0]
+            ids[slot.index - first, 0] = slot.next_token
+        logits = self.session.run_slots(first, ids, lengths)[:, 0]
         greedy = logits.argmax(axis=-1)
+        if alone is not None and alone.speculation is not None:  # the time a speculative round must beat
+            alone.speculation.governor.record_plain((time.perf_counter() - started) * 1000)
         for slot in running:
             slot.length += 1
-            self._accept(slot, logits[slot.index], int(greedy[slot.index]))
+            self._accept(slot, logits[slot.index - first], int(greedy[slot.index - first]))
+
+    def _speculate(self, slot: _Slot) -> bool:
+        """One speculative round for a sequence running alone: drafts after its last token, checked in one run
+        of the engine (its slot keeps only the accepted positions: the slot's length is the rollback). False
+        when there is nothing to propose (the governor paused it, or no match): decode it plainly."""
+        started = time.perf_counter()
+        job, speculation = slot.job, slot.speculation
+        context = job.prompt + job.tokens
+        if self._proposing_for is not job:
+            speculation.proposer.start(context)
+            self._proposing_for = job
+        count = speculation.governor.draft_length(job.config.max_new_tokens - len(job.tokens))
+        drafts = speculation.proposer.propose(context, count, speculation.picker) if count else []
+        if not drafts:
+            return False
+        logits = self.session.run_slots(slot.index, np.array([[slot.next_token, *drafts]]),
+                                        np.array([slot.length]), last_only=False)[0]
+        accepted, token = speculation.picker.verify(drafts, speculation.proposer.draft_probs, logits)
+        slot.length += 1 + accepted
+        job.drafted_tokens, job.accepted_tokens = job.drafted_tokens + len(drafts), job.accepted_tokens + accepted
+        if self.service.metrics is not None:
+            self.service.metrics.speculated(len(drafts), accepted)
+        for i, new in enumerate([*drafts[:accepted], token]):
+            self._emit(slot, new, logits[i])
+            if slot.job is not job:  # it finished (a stop token, or max_tokens)
+                break
+        speculation.governor.record_round(len(drafts), accepted, (time.perf_counter() - started) * 1000)
+        return True
 
     def _accept(self, slot: _Slot, row: np.ndarray, greedy: int | None = None) -> None:
         """Sample the slot's next token from its logits row, hand it to the client, finish if it ends."""
         job = slot.job
-        token = greedy if greedy is not None and job.config.temperature == 0 else int(slot.sampler(row[None])[0])
+        if slot.speculation is not None:  # one random stream for plain and speculative steps alike
+            token = slot.speculation.picker.pick(row)
+        elif greedy is not None and job.config.temperature == 0:
+            token = greedy
+        else:
+            token = int(slot.sampler(row[None])[0])
+        self._emit(slot, token, row)
+
+    def _emit(self, slot: _Slot, token: int, row: np.ndarray) -> None:
+        """Hand the slot's next token to the client; finish the sequence if it ends there."""
+        job = slot.job
         if job.first_token is None:
             job.first_token = time.perf_counter()
         job.tokens.append(token)

@@ -25,10 +25,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 import runtime
+from runtime import artifact as artifacts
 from runtime.errors import BadInputError
 
 METHODS = ("ngram", "draft")
@@ -369,19 +371,16 @@ def speculative_decode(session, prompt: list[int], first: int, picker: TokenPick
 def open_speculator(method: str | None, draft_path: str | None, target, options=None) -> Speculator | None:
     """A Speculator from the command-line flags `--speculative METHOD` and `--draft ARTIFACT` (None for
     neither); the draft is opened here and checked against the target's vocabulary and tokenizer."""
+    check_speculation_flags(method, draft_path)
     if method is None:
-        if draft_path:
-            raise BadInputError("--draft needs --speculative draft")
         return None
     config = SpeculativeConfig(method=method)
-    config.validate()
     if method != "draft":
-        if draft_path:
-            raise BadInputError(f"--draft is for --speculative draft, not {method}; drop --draft")
         return Speculator(config)
-    if not draft_path:
-        raise BadInputError("--speculative draft needs --draft ARTIFACT (an engine built with the same tokenizer)")
-
+    draft_path = draft_path or paired_draft(target)
+    if draft_path is None:
+        raise BadInputError(f"engine {target.id} has no draft built with it; pass --draft ARTIFACT (an engine with "
+                            "the same tokenizer), or build one with `python -m export.build --draft layers=N`")
     draft = runtime.open(draft_path, options)
     try:
         check_same_tokenizer(target, draft.artifact)
@@ -389,6 +388,26 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
         draft.close()
         raise
     return Speculator(config, draft)
+
+
+def check_speculation_flags(method: str | None, draft_path: str | None) -> None:
+    """`--speculative METHOD` and `--draft ARTIFACT` make sense together, before anything loads (`--speculative
+    draft` alone takes the draft the engine was built with)."""
+    if method is None:
+        if draft_path:
+            raise BadInputError("--draft needs --speculative draft")
+        return
+    SpeculativeConfig(method=method).validate()
+    if method != "draft" and draft_path:
+        raise BadInputError(f"--draft is for --speculative draft, not {method}; drop --draft")
+
+PAIRED_DRAFT = "draft"  # the key of an engine's manifest config that names the draft built with it
+
+
+def paired_draft(target) -> Path | None:
+    """The draft engine `python -m export.build --draft` built with `target`, in the same store; None if none."""
+    ident = target.manifest.get("config", {}).get(PAIRED_DRAFT)
+    return target.path.parent / artifacts.folder_name(target.manifest.get("stage", "engine"), ident) if ident else None
 
 
 def check_same_tokenizer(target, draft) -> None:

@@ -67,7 +67,7 @@ def test_corrupt_or_truncated_gguf(tmp_path, kind):
     assert_one_line_error(result, 2, "not a readable GGUF file", "download it again")
 
 
-@pytest.mark.parametrize("matrix, named", [("int3", "int3"), ("fp32,int3,int8", "int3"), (",", "','")])
+@pytest.mark.parametrize("matrix, named", [("int3", "int3"), ("fp32,int3,int8", "int3"), (",", "(none given)")])
 def test_unknown_precision(tmp_path, matrix, named):
     result = run_cli("export.build", "--precision", matrix, "--out", str(tmp_path))
     assert_one_line_error(result, 2, f"unknown precision {named}", "fp32")

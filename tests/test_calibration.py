@@ -205,8 +205,9 @@ def test_int8_build_meets_a_loose_gate_and_records_its_metrics(tiny_model_factor
     calibrated = next((tmp_path / "store").glob("calibrate-*"))
     manifest = json.loads((calibrated / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["stage"] == "calibrate"
-    accuracy_metrics = manifest["metrics"]["accuracy"]
-    assert accuracy_metrics["passed"] and accuracy_metrics["perplexity_increase_percent"] <= 50
+    (record,) = manifest["metrics"]["accuracy"]
+    assert record["stage"] == "calibrate" and record["against"] == "fp32" and record["ppl_limit_percent"] == 50
+    assert record["passed"] and record["perplexity_increase_percent"] <= 50 and record["windows"] == 2
     assert "lm_head" not in manifest["metrics"]["kept_in_float"]
     layers = json.loads(next((tmp_path / "store").glob("export-*/manifest.json")).read_text())["io"]["model"][
         "linear_layers"]

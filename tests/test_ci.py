@@ -88,11 +88,15 @@ def test_entry_point_builds_a_precision_matrix_with_its_report(tiny_model_factor
                        "--keep-fp", "lm_head")
     assert result.returncode == 0, result.stderr
     report = json.loads((store / "report.json").read_text())
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert [e["precision"] for e in report["engines"]] == ["fp32", "int8"]
     for engine in report["engines"]:
-        assert engine["latency"]["tpot_ms"]["p50"] > 0 and engine["accuracy"]["top1_agreement"] > 0
-        assert engine["accuracy"]["perplexity_increase_percent"] <= 50
+        (accuracy,) = engine["accuracy"]
+        assert engine["latency"]["tpot_ms"]["p50"] > 0 and accuracy["top1_agreement"] > 0
+        assert accuracy["perplexity_increase_percent"] <= 50 and accuracy["stage"] == "engine"
+    # Every stage's records, in the one shape: export parity, calibration's gate, the two engines' verification.
+    gates = [(s["stage"], [r["against"] for r in s["accuracy"]]) for s in report["stages"]]
+    assert gates == [("export", ["pytorch"]), ("engine", ["fp32"]), ("calibrate", ["fp32"]), ("engine", ["fp32"])]
     assert report["engines"][1]["kept_in_float"][0] == "lm_head"
     markdown = (store / "report.md").read_text()
     assert "| int8 |" in markdown and "Kept in float (int8): `lm_head`" in markdown

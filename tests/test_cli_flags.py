@@ -25,6 +25,11 @@ def test_every_flag_has_help():
     (["--bench-gen", "1"], "--bench-gen"),
     (["--workspace-gb", "0"], "--workspace-gb"),
     (["--calib-seq-len", "1"], "--calib-seq-len"),
+    (["--calib-seq-len", "4"], "--calib-seq-len"),  # refused by the data's own rule, not after the export
+    (["--max-seq", "4"], "--max-seq"),
+    (["--opt-seq", "4096"], "--opt-seq"),
+    (["--prune-plan", "/no/such/plan.json"], "--prune-plan"),
+    (["--prune", "mlp=2"], "--prune"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_the_flag_and_exit_2(tmp_path, capsys, flags, named):

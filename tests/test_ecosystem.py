@@ -185,9 +185,11 @@ def test_engine_model_card_names_source_pipeline_accuracy_and_how_to_run_it(chat
     assert f"`{export.manifest['config']['model']}`" in card
     for art in [chat_export, *_parents(chat_export)]:
         assert f"`{art.path.name}`" in card
-    check = chat_export.metrics["verification"]
-    assert f"{check['perplexity']:.3f} ({check['perplexity_increase_percent']:+.2f}%)" in card
-    assert f"top-1 agreement with fp32: {check['top1_agreement']:.3f}" in card
+    from runtime.accuracy import records_of
+
+    (check,) = records_of(chat_export.metrics)
+    assert f"- engine: {check.text()}" in card and f"top-1 {check.top1_agreement:.3f}" in card
+    assert f"- export (`{export.path.name}`): vs pytorch on parity prompt: top-1 1.000" in card
     name = chat_export.path.name
     for command in (f"python -m runtime.generate {name}", f'og.Model("{name}")', f"python -m runtime.serve {name}",
                     f"python -m runtime.bench {name}"):

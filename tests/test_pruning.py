@@ -189,12 +189,14 @@ def test_distillation_heals_through_the_export_stage(tiny_model_factory, tmp_pat
     assert result.returncode == 0, result.stderr
     manifest = json.loads(next(tmp_path.glob("distill-*/manifest.json")).read_text())
     figures = manifest["metrics"]["distillation"]
-    assert figures["steps"] == 8 and figures["perplexity_after"] != figures["perplexity_before"]
-    assert manifest["metrics"]["parity"]["passed"]  # the healed model went through the export's own check
+    parity, healed = manifest["metrics"]["accuracy"]  # the export's own check, then distillation's gate
+    assert parity["stage"] == "export" and parity["passed"]  # the healed model went through the export's check
+    assert healed["stage"] == "distill" and healed["against"] == "teacher" and healed["ppl_limit_percent"] is None
+    assert figures["steps"] == 8 and healed["perplexity"] != figures["perplexity_before"]
     assert manifest["io"]["model"]["layer_kv_heads"] == [1, 1]
     engine = json.loads(next(tmp_path.glob("engine-*/manifest.json")).read_text())
     assert engine["parent"] == manifest["id"]
-    assert "distilled 8 steps" in result.stdout
+    assert "vs teacher: ppl" in result.stdout
 
 
 def test_distillation_without_pruning_is_refused(tiny_model_factory, tmp_path):
@@ -220,15 +222,21 @@ def test_a_healed_budget_plans_for_more_and_gates_the_healed_model():
 
 
 def test_the_healed_model_must_fit_the_budget():
-    from export.distill import DistillConfig, check_healed
+    from export.distill import DistillConfig, healed_records
     from runtime.errors import AccuracyError
 
+    def healed(perplexity, gate):
+        (record,) = healed_records({"held-out": perplexity}, {"held-out": 20.0}, {"held-out": np.zeros((4, 8))}, gate)
+        return record
+
     gate = DistillConfig(steps=10, max_increase=5.0)
-    check_healed(20.9, 20.0, gate)  # +4.5%
-    with pytest.raises(AccuracyError, match=r"\+6\.00% over the unpruned one, over the 5% --prune-budget"):
-        check_healed(21.2, 20.0, gate)
-    check_healed(21.2, 20.0, DistillConfig(steps=10, max_increase=5.0, allow_accuracy_loss=True))
-    check_healed(21.2, 20.0, DistillConfig(steps=10))
+    record = healed(20.9, gate)  # +4.5%
+    assert record.passed and record.perplexity_increase_percent == pytest.approx(4.5)
+    assert (record.ppl_limit_percent, record.windows, record.against) == (5.0, 4, "teacher")
+    with pytest.raises(AccuracyError, match=r"by \+6\.00% on held-out, over the 5% --prune-budget"):
+        healed(21.2, gate)
+    assert not healed(21.2, DistillConfig(steps=10, max_increase=5.0, allow_accuracy_loss=True)).passed
+    assert healed(21.2, DistillConfig(steps=10)).passed  # no budget: nothing to miss
 
 
 def test_pareto_table_measures_every_variant_in_one_run(tiny_model_factory, tmp_path):

@@ -4,6 +4,7 @@ engines without per-row cache lengths fall back to static batching."""
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -244,3 +245,45 @@ def test_configs_that_would_break_the_sampler_are_refused_at_submit(engine, conf
             service.submit([1, 2, 3], config)
     finally:
         service.close()
+
+
+def test_speculation_runs_a_request_alone_and_keeps_its_greedy_output(engine, reference):
+    """The engine as its own draft: every greedy draft is the target's own choice, so rounds run and accept; the
+    output must still be exactly the plain one, also for requests that overlap (no speculation while batched)
+    and after the draft's cache followed another request."""
+    from runtime.serve import Metrics
+
+    metrics = Metrics()
+    config = replace(SMALL, speculative="draft", draft=str(engine.path))
+    service = Service(runtime.open(engine, SessionOptions(threads=1)), config, metrics)
+    short, long = GenerationConfig(max_new_tokens=6, stop_token_ids=()), GenerationConfig(max_new_tokens=30,
+                                                                                            stop_token_ids=())
+    cases = prompts(3, seed=5)
+    try:
+        alone_job = service.submit(cases[0], long)
+        assert tokens_of(alone_job) == alone(reference, cases[0], long)
+        assert alone_job.accepted_tokens > 0 and alone_job.drafted_tokens >= alone_job.accepted_tokens
+        overlapping = [service.submit(cases[1], short), service.submit(cases[2], long)]
+        assert [tokens_of(job) for job in overlapping] == [alone(reference, cases[1], short),
+                                                           alone(reference, cases[2], long)]
+        plain = service.submit(cases[0], long, speculative=False)
+        assert tokens_of(plain) == alone(reference, cases[0], long) and plain.drafted_tokens == 0
+        exposition = metrics.exposition()[0].decode()
+        drafted = sum(job.drafted_tokens for job in [alone_job, *overlapping])
+        assert f"lmforge_speculative_draft_tokens_total {float(drafted)}" in exposition
+        assert service.stats()["speculative"] == "draft"
+    finally:
+        service.close()
+
+
+def test_speculation_settings_that_cannot_work_are_refused(engine):
+    with pytest.raises(BadInputError, match="unknown speculative method"):
+        ServiceConfig(speculative="medusa").validate()
+    with pytest.raises(BadInputError, match="--draft is for --speculative draft"):
+        ServiceConfig(speculative="ngram", draft=str(engine.path)).validate()
+    session = runtime.open(engine, SessionOptions(threads=1))
+    try:
+        with pytest.raises(BadInputError, match="has no draft built with it"):
+            Service(session, replace(SMALL, speculative="draft"))
+    finally:
+        session.close()

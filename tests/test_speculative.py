@@ -24,6 +24,7 @@ from runtime.speculative import (
     TokenPicker,
     accept_sampled,
     check_same_tokenizer,
+    open_speculator,
 )
 
 GREEDY_48 = GenerationConfig(max_new_tokens=48, stop_token_ids=())
@@ -357,3 +358,25 @@ class LogitsRecorder:
 
     def logits_for(self, position):
         return self.by_position[position]
+
+
+def test_a_build_with_a_draft_pairs_it_with_its_engine_and_the_runtime_finds_it(tiny_model_factory, tmp_path):
+    """`export.build --draft layers=1`: the draft (the export pruned by a layer and healed) is built first, the
+    engine records it, and `--speculative draft` without --draft speculates with it, losslessly."""
+    from export.build import build, parse_args
+
+    model = str(tiny_model_factory("llama"))
+    results = build(parse_args(["--model", model, "--out", str(tmp_path), "--draft", "layers=1", "--draft-steps", "2",
+                                "--bench-runs", "0", "--threads", "1", "--teacher-prompts", "0"]))
+    draft, target = [r.artifact for r in results if r.stage == "engine"]
+    assert target.manifest["config"]["draft"] == draft.id
+    assert draft.model_facts["layers"] == target.model_facts["layers"] - 1
+    assert "distill" in [r.stage for r in results]
+    prompt, config = [5, 6, 7, 8] * 4, GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    speculator = open_speculator("draft", None, target, SessionOptions(threads=1))
+    with runtime.open(target, SessionOptions(threads=1)) as session:
+        plain = generate(session, [prompt], config)
+        speculated = generate(session, [prompt], config, speculator=speculator)
+    speculator.close()
+    assert speculated.tokens == plain.tokens
+    assert speculated.report.speculative == "draft" and speculated.report.drafted_tokens > 0

@@ -108,13 +108,9 @@ def test_profiles_cover_prefill_from_empty_cache_and_decode():
             assert all(a <= b <= c for a, b, c in zip(low, opt, high))
 
 
-@pytest.mark.parametrize("config, message", [
-    (trt_engine.TrtConfig(max_seq=64, opt_seq=128), "the max is below the opt"),
-    (trt_engine.TrtConfig(max_seq=512), "--max-seq 512 exceeds the model's context of 256"),
-])
-def test_bad_profiles_are_refused(config, message):
-    with pytest.raises(BadInputError, match=message):
-        trt_engine.profiles(io_for(), config)
+def test_a_profile_beyond_the_models_context_is_refused():
+    with pytest.raises(BadInputError, match="--max-seq 512 exceeds the model's context of 256"):
+        trt_engine.profiles(io_for(), trt_engine.TrtConfig(max_seq=512))
 
 
 GRID = [(batch, total, opt) for batch in (1, 2, 8) for total in (2, 3, 8, 128, 256)
@@ -155,18 +151,19 @@ def test_a_plan_needs_room_for_a_decode_step():
         trt_engine.profile_points(1, 1, 1)
 
 
-@pytest.mark.parametrize("config, message", [
-    (trt_engine.TrtConfig(max_seq=4, opt_seq=4), "--max-seq 4 is too short: the build verifies the plan on windows"),
-    (trt_engine.TrtConfig(max_batch=0), "--max-batch >= 1"),
-    (trt_engine.TrtConfig(workspace_gb=0), "--workspace-gb 0"),
+@pytest.mark.parametrize("settings, message", [
+    ({"max_seq": 4, "opt_seq": 4}, "--max-seq 4 is too small; give 8 or more"),  # the verification's windows
+    ({"max_batch": 0}, "--max-batch 0 is too small; give 1 or more"),
+    ({"workspace_gb": 0}, "--workspace-gb 0 must be greater than 0"),
+    ({"max_seq": 64, "opt_seq": 128}, "--opt-seq 128 is outside 1 to --max-seq"),
 ])
-def test_build_settings_that_cannot_make_a_verified_plan_are_refused(config, message):
+def test_build_settings_that_cannot_make_a_verified_plan_are_refused(settings, message):
     with pytest.raises(BadInputError, match=message):
-        trt_engine.validate(config)
+        trt_engine.TrtConfig(**settings)
 
 
 def test_opt_equal_to_max_is_a_valid_build_setting():
-    trt_engine.validate(trt_engine.TrtConfig(max_seq=128, opt_seq=128))  # the default opt with --max-seq 128
+    trt_engine.TrtConfig(max_seq=128, opt_seq=128)  # the default opt with --max-seq 128
     prefill, decode = trt_engine.profiles(io_for(), trt_engine.TrtConfig(max_seq=128, opt_seq=128))
     assert decode["attention_mask"] == ((1, 2), (1, 128), (1, 128))
 
@@ -196,7 +193,7 @@ def test_a_profile_tensorrt_did_not_take_fails_the_build():
 
 def test_profile_with_max_below_opt_exits_2_before_looking_for_a_gpu(tmp_path):
     result = run_cli("export.build", "--backend", "trt", "--max-seq", "64", "--opt-seq", "128", "--out", str(tmp_path))
-    assert result.returncode == 2 and "the max is below the opt" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "--opt-seq 128 is outside 1 to --max-seq (64)" in result.stderr.splitlines()[-1]
 
 
 def test_mismatching_plan_is_a_clear_error(monkeypatch, tmp_path):
@@ -602,21 +599,31 @@ def test_verification_windows_are_cut_to_the_plans_max_seq(monkeypatch, tmp_path
         evaluated.append(windows_seen.shape)
         return evaluation_of(windows_seen)
 
-    def fake_evaluate_engine(engine, windows_seen, threads):
+    def fake_evaluate_session(session, windows_seen):
         engine_windows.append(windows_seen.shape)
         return evaluation_of(windows_seen)
 
+    class NoSession:
+        def close(self):
+            pass
+
     monkeypatch.setattr(verify_module.accuracy, "evaluate_model", fake_evaluate_model)
-    monkeypatch.setattr(verify_module, "evaluate_engine", fake_evaluate_engine)
-    monkeypatch.setattr(verify_module, "compare_logits", lambda ref, eng, w, precision, threads: {
-        "passed": True, "statistic": "max", "tolerance": 1e-3, "max": 0.0, "mean": 0.0, "windows": w.shape})
+    monkeypatch.setattr(verify_module.accuracy, "evaluate_session", fake_evaluate_session)
+    monkeypatch.setattr(verify_module.runtime, "open", lambda engine, options: NoSession())
+    compared = []
+
+    def fake_compare_logits(ref, eng, windows_seen, precision, threads):
+        compared.append(windows_seen.shape)
+        return {"passed": True, "statistic": "max", "tolerance": 1e-3, "max": 0.0, "mean": 0.0}
+
+    monkeypatch.setattr(verify_module, "compare_logits", fake_compare_logits)
     export = Artifact(tmp_path, {"id": "export0", "files": {"model.onnx": {}}, "io": {"model": {}}})
-    reference = verify_module.Reference.of(export, windows, threads=1)
+    reference = verify_module.Baseline((verify_module.Reference.of(export, windows, threads=1),))
     parent = Artifact(tmp_path, {"id": "export0", "metrics": {}})
     for _ in range(2):  # two plans of one build share the shortened reference
         plan = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {"max_sequence": 64}})
-        metrics = verify_module.verify(plan, parent, reference)
-    assert metrics["logits"]["windows"] == (2, 64) and engine_windows == [(3, 64), (3, 64)]
+        (record,) = verify_module.verify(plan, parent, reference)
+    assert compared[-1] == (2, 64) and engine_windows == [(3, 64), (3, 64)] and record.windows == 3
     assert evaluated == [(3, 256), (3, 64)]
     onnx_engine = Artifact(tmp_path, {"precision": "fp32", "files": {}, "metrics": {}})
     verify_module.verify(onnx_engine, parent, reference)
@@ -672,8 +679,9 @@ def test_gpu_check_table_puts_verification_beside_latency(tmp_path):
         (plan / "manifest.json").write_text(json.dumps({"metrics": {"compatibility": {
             "tensorrt": "11.4.0.106", "gpu": "NVIDIA H200", "compute_capability": "9.0"}}}))
         engines.append({"precision": precision, "engine_id": f"id-{precision}", "path": str(plan), "size_bytes": 2e6,
-                        "accuracy": {"perplexity_increase_percent": increase, "top1_agreement": 0.98,
-                                     "logits": {"statistic": "mean", "mean": 0.05, "tolerance": 1.0}}})
+                        "accuracy": [{"domain": "held-out", "perplexity_increase_percent": increase,
+                                      "top1_agreement": 0.98, "logits_statistic": "mean", "logits_diff": 0.05,
+                                      "logits_limit": 1.0}]})
         (tmp_path / f"bench-{precision}.json").write_text(json.dumps({"runners": {"lmforge": {
             "ttft_ms": 12.0, "tpot_ms": {"p50": tpot}, "tokens_per_second": 1000 / tpot}}}))
     (tmp_path / "report.json").write_text(json.dumps({"engines": engines}))

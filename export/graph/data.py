@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.accuracy import HELD_OUT
 from runtime.artifact import Artifact
 from runtime.errors import BadInputError
+from runtime.ranges import check_ranges, ranged
 from runtime.text import load_codec
 
 # Modules whose documentation forms the default text: prose-heavy, stable, present in every CPython.
@@ -34,6 +36,8 @@ DEFAULT_MODULES = (
     "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
 )
 EVAL_SHARE = 5  # one document in five is held out for evaluation
+TEACHER_DOMAIN = "teacher-answers"  # the held-out text the teacher wrote (export/teacher.py)
+MIN_SEQ_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,18 @@ class DataConfig:
     # The field of each JSON line (or dataset row) that holds the text.
     text_field: str = "text"
     # Calibration windows drawn from the calibration part; more windows, steadier ranges, longer runs.
-    samples: int = 64
-    # Tokens per window.
-    seq_len: int = 256
+    samples: int = ranged(64, "--calib-samples", low=1)
+    # Tokens per window (a window shorter than this gives perplexity too few tokens to mean anything).
+    seq_len: int = ranged(256, "--calib-seq-len", low=MIN_SEQ_LEN)
     # Evaluation windows (held-out text) for perplexity and top-1 agreement.
-    eval_samples: int = 16
+    eval_samples: int = ranged(16, "--eval-samples", low=1)
     # Seed of the window draw.
     seed: int = 0
     # Wrap each document in the model's chat template (for instruct models served through it).
     chat: bool = False
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass
@@ -185,8 +192,6 @@ def within_context(config: DataConfig, facts: dict) -> DataConfig:
 
 def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     """Token windows for calibration (drawn with the seed) and evaluation (the first held-out windows)."""
-    if config.samples < 1 or config.seq_len < 8 or config.eval_samples < 1:
-        raise BadInputError("need --calib-samples >= 1, --calib-seq-len >= 8 and at least one evaluation sample")
     documents = default_documents() if config.source is None else user_documents(config)
     documents = {name: text for name, text in documents.items() if text.strip()}
     if not documents:
@@ -194,11 +199,8 @@ def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     if config.chat:
         documents = {name: codec.render_chat([{"role": "user", "content": text}], add_generation_prompt=False)
                      for name, text in documents.items()}
-    split = split_documents(documents)
-    separator = eos_ids[:1]
-    calibration = windows(token_stream(split.calibration, codec.encode, separator), config.seq_len)
-    evaluation = windows(token_stream(split.evaluation, codec.encode, separator), config.seq_len)
     source = config.source or "python-stdlib-docs"
+    calibration, evaluation = split_windows(documents, config.seq_len, codec, eos_ids)
     if len(calibration) < config.samples or len(evaluation) < config.eval_samples:
         raise BadInputError(
             f"{source} gives {len(calibration)} calibration and {len(evaluation)} evaluation windows of "
@@ -207,6 +209,33 @@ def load_samples(config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(len(calibration), size=config.samples, replace=False))
     return SampleSet(calibration[chosen], evaluation[: config.eval_samples], source)
+
+
+def split_windows(documents: dict[str, str], seq_len: int, codec, eos_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration windows, held-out windows) of `seq_len` tokens from the documents' name-based split."""
+    split = split_documents(documents)
+    separator = eos_ids[:1]
+    return (windows(token_stream(split.calibration, codec.encode, separator), seq_len),
+            windows(token_stream(split.evaluation, codec.encode, separator), seq_len))
+
+
+def teacher_documents(generations: list[dict[str, str]], codec) -> dict[str, str]:
+    """Each teacher answer as the conversation it came from, rendered through the chat template; named by its
+    prompt, so the split between training and held-out answers never moves."""
+    return {f"teacher:{g['prompt']}": codec.render_chat([{"role": "user", "content": g["prompt"]},
+                                                          {"role": "assistant", "content": g["response"]}],
+                                                         add_generation_prompt=False)
+            for g in generations}
+
+
+def teacher_samples(generations: list[dict[str, str]], config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
+    """The teacher's answers as windows: as many as the text gives, up to the counts asked for (teacher text is
+    short by design, so fewer is not an error; none is)."""
+    calibration, evaluation = split_windows(teacher_documents(generations, codec), config.seq_len, codec, eos_ids)
+    if not len(calibration) or not len(evaluation):
+        raise BadInputError(f"the teacher's answers give {len(calibration)} training and {len(evaluation)} held-out "
+                            f"windows of {config.seq_len} tokens; lower --calib-seq-len or answer more prompts")
+    return SampleSet(calibration[: config.samples], evaluation[: config.eval_samples], TEACHER_DOMAIN)
 
 
 def verification_windows(export: Artifact, data: DataConfig) -> np.ndarray:
@@ -218,3 +247,31 @@ def verification_windows(export: Artifact, data: DataConfig) -> np.ndarray:
         return load_samples(data, load_codec(export), facts["eos_token_ids"]).evaluation
     rng = np.random.default_rng(data.seed)
     return rng.integers(0, facts["vocab_size"], size=(data.eval_samples, min(data.seq_len, 64)), dtype=np.int64)
+
+
+def balanced_mix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """As many windows as `first` has, alternately from each set: half the text a stage fits on comes from
+    each domain, whatever their sizes (the shorter set's windows repeat)."""
+    count = len(first)
+    mixed = np.empty_like(first)
+    mixed[0::2] = first[: (count + 1) // 2]
+    mixed[1::2] = second[np.arange(count // 2) % len(second)]
+    return mixed
+
+
+def stage_text(config: DataConfig, artifact: Artifact, generations: list[dict[str, str]] | None,
+               fit_on_teacher: bool) -> tuple[SampleSet, dict[str, np.ndarray]]:
+    """A stage's text: the windows it fits on (the calibration text's, half of them the teacher's training
+    answers when `fit_on_teacher`) and the held-out windows its gate measures on, by domain (the calibration
+    text's, and the teacher's held-out answers where there are any)."""
+    facts = artifact.model_facts
+    config = within_context(config, facts)
+    codec = load_codec(artifact)
+    samples = load_samples(config, codec, facts["eos_token_ids"])
+    domains = {HELD_OUT: samples.evaluation}
+    if generations:
+        teacher = teacher_samples(generations, config, codec, facts["eos_token_ids"])
+        domains[TEACHER_DOMAIN] = teacher.evaluation
+        if fit_on_teacher:
+            samples = replace(samples, calibration=balanced_mix(samples.calibration, teacher.calibration))
+    return samples, domains
