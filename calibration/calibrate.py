@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from calibration.int4 import LIBRARY_METHODS, calibrate_int4, on_source_grid, source_grids
+from calibration.int4 import METHODS as INT4_METHODS
 from export.graph import stats
 from export.graph.data import DataConfig, stage_text
+from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
@@ -65,6 +68,17 @@ class CalibrationConfig:
     # down_proj are W8A8 too. Off by default: the dense Hadamard MatMul costs more decode speed than the int8
     # down_proj win back (README, "INT8").
     online_rotation: bool = False
+    # How int4 weights are chosen: rtn (round-to-nearest) and hqq (half-quadratic optimization of a scale and a
+    # float zero point per block; MatMulNBits, ONNX Runtime only) are onnxruntime's quantizer's, without data; awq
+    # (activation-aware scales folded into the graph, then rounding), gptq (rounding that compensates each error
+    # on the layer's calibration inputs) and awq+gptq are ours; grid keeps the 4-bit grid of a Q4_1 source where
+    # a layer's weights lie on it exactly (ONNX Runtime only) and rounds the rest. hqq and grid write float zero
+    # points, for which onnxruntime 1.32's CPU MatMulNBits has no fast kernel: such a layer measured 37x slower
+    # than a symmetric one (FLOAT_ZERO_POINT_NOTE). README, "INT4", has what each measured.
+    int4_method: str = "awq+gptq"
+    int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
+    int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
+    int4_act_order: bool = True  # GPTQ visits the input channels of most energy first
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
     # Linear layers (names or fnmatch patterns) whose weights alone become int8 (input left in float) at
@@ -93,6 +107,13 @@ class CalibrationConfig:
             raise BadInputError(f"calibration precision {self.precision!r} unknown; choose one of {PRECISIONS}")
         if self.method not in stats.METHODS:
             raise BadInputError(f"--calib-method {self.method!r} is unknown; choose one of {', '.join(stats.METHODS)}")
+        if self.int4_method not in INT4_METHODS:
+            raise BadInputError(f"unknown int4 method {self.int4_method!r}; choose one of {', '.join(INT4_METHODS)}")
+        if self.int4_method in ("rtn", "grid") and (self.int4_block, self.int4_symmetric) != (BLOCKS["int4"], True):
+            raise BadInputError(f"--int4-method {self.int4_method} writes blocks of 32 (the source's, or onnxruntime's "
+                                "symmetric ones); --int4-block and --int4-asymmetric need another method (hqq, awq, "
+                                "gptq, awq+gptq)")
+        Int4Spec(self.int4_block, self.int4_symmetric)  # a block size it cannot write fails here, before any work
 
 
 def smoothquant_strength(config: CalibrationConfig) -> float | None:
@@ -158,20 +179,32 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, gen
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),
         "float_fraction": len(chosen.kept) / len(sensitivity),
-        "smoothquant_layers": len(smoothed),
+        "smoothquant_layers": 0 if config.precision == "int4" else len(smoothed),
         "tried": tried,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if config.precision == "int4":  # what chose the weights; `smoothed` holds the layers AWQ scaled
+        metrics["int4"] = {"method": config.int4_method, "block": config.int4_block,
+                           "symmetric": config.int4_symmetric, "act_order": config.int4_act_order,
+                           "awq_layers": len(smoothed),
+                           "source_grid_layers": sum(map(on_source_grid, (activation_scales or {}).values()))}
     return writer.commit(io=parent.io, metrics=metrics, precision=config.precision)
 
 
 def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, progress):
-    """(graph to quantize, activation scales or None, layer sensitivity order, smoothed layers)."""
+    """(graph to quantize, activation scales (at int4: the calibrated weights) or None, layer sensitivity order,
+    smoothed (at int4: AWQ-scaled) layers)."""
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision == "int4":  # weights only: no activation statistics
-        return source, None, _weight_sensitivity(source, config.precision), []
+        if config.int4_method in ("hqq", "grid"):
+            progress(f"[calibrate] int4 {config.int4_method}: {FLOAT_ZERO_POINT_NOTE}")
+        if config.int4_method in LIBRARY_METHODS:
+            return source, None, _weight_sensitivity(source, config.precision), []
+        if config.int4_method == "grid":
+            return _prepare_grid(source, config, facts, progress)
+        return _prepare_int4(source, config, samples, facts, work, progress)
     model = ir.load(str(source))
     rotations = _rotations(config)
     if rotations:
@@ -203,6 +236,34 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+# Said at calibration, so nobody ships a grid or hqq engine unaware of its speed.
+FLOAT_ZERO_POINT_NOTE = ("float zero points: accurate, but onnxruntime's CPU MatMulNBits has no fast kernel for "
+                         "them (one layer measured 37x slower than symmetric int4); for speed use awq+gptq")
+
+
+def _prepare_grid(source: Path, config: CalibrationConfig, facts: dict, progress):
+    """The layers whose weights already lie on a 4-bit grid of 32 with a float minimum (a Q4_1 GGUF's) keep it;
+    the others take onnxruntime's round-to-nearest. Sensitivity: the library's, as for rtn."""
+    skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
+    grids = source_grids(ir.load(str(source)), skip)
+    progress(f"[calibrate] int4 grid: {len(grids)} layers keep their source's 4-bit grid, the others are rounded")
+    return source, grids, _weight_sensitivity(source, config.precision), []
+
+
+def _prepare_int4(source: Path, config: CalibrationConfig, samples, facts: dict, work: Path, progress):
+    """Calibrated int4: (graph with AWQ's folds, the int4 weights, layers by output error, AWQ-scaled layers)."""
+    model = ir.load(str(source))
+    progress(f"[calibrate] int4 {config.int4_method} (blocks of {config.int4_block}, "
+             f"{'symmetric' if config.int4_symmetric else 'zero points'}) on {len(samples.calibration)} windows")
+    skip = frozenset(config.keep_fp) | frozenset(weight_only_layers(config, facts["linear_layers"]))
+    plan = calibrate_int4(model, source, samples.calibration, facts, config.threads,
+                          Int4Spec(config.int4_block, config.int4_symmetric), config.int4_method,
+                          config.int4_act_order, skip, scratch=work)
+    scaled = work / "int4-scaled.onnx"
+    ir.save(model, scaled)
+    return scaled, plan.weights, sorted(plan.errors, key=plan.errors.get, reverse=True), plan.awq_scaled
 
 
 # The progress line each rotation reports, given how many layers it rotated.
@@ -241,7 +302,10 @@ def _weight_sensitivity(source: Path, precision: str) -> list[str]:
 
 
 def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, destination: Path,
-          precision: str) -> Path:
+          precision: str, int4: tuple[str, int] = ("rtn", BLOCKS["int4"])) -> Path:
+    """The candidate graph. `scales`: the activation scales at int8; at int4, the calibrated int4 weights by
+    layer: their own source grid or calibrated blocks; onnxruntime's quantizer takes every other layer (by `int4`:
+    the method and block)."""
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
         QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
@@ -249,11 +313,16 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
         QuantizeLinearLayersPass(others)(model)
+        given = {name: weight for name, weight in (scales or {}).items() if name not in keep}
+        SourceGridPass({name: w for name, w in given.items() if on_source_grid(w)})(model)
+        Int4WeightsPass({name: w for name, w in given.items() if not on_source_grid(w)})(model)
     else:  # int8; the layers the search returns go wholly to float (the weight-only ones are chosen up front)
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
-    if precision == "int4":
-        quantize_int4(destination, destination, exclude=frozenset(keep) | frozenset(weight_only))
+    if precision == "int4":  # what no given weight covers: onnxruntime's quantizer (rtn, or hqq when chosen)
+        covered = frozenset(keep) | frozenset(weight_only) | frozenset(scales or {})
+        quantize_int4(destination, destination, exclude=covered, algorithm="hqq" if int4[0] == "hqq" else "rtn",
+                      block=int4[1])
     return destination
 
 
@@ -270,7 +339,8 @@ def _search(model_path, scales, sensitivity, reference, domains, config, facts, 
     best = None
     for extra in extra_counts:
         kept = base + [name for name in layers if name not in base][:extra]
-        path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision)
+        path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision,
+                     (config.int4_method, config.int4_block))
         evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
         increase = accuracy.worst_increase(evaluations, reference)
         held_out = evaluations[accuracy.HELD_OUT]

@@ -175,6 +175,16 @@ def build_parser() -> OneLineParser:
                        help="rotate the residual stream before quantizing (RMSNorm models)")
     calib.add_argument("--online-rotation", action="store_true",
                        help="rotate each down_proj input by a block Hadamard at run time (QuaRot's online step)")
+    calib.add_argument("--int4-method", default=defaults.int4_method, choices=calibrate.INT4_METHODS,
+                       help="how int4 weights are chosen: rtn (round-to-nearest) or hqq (half-quadratic, float zero "
+                            "points; ONNX Runtime only), onnxruntime's, no data; awq (activation-aware scales), gptq "
+                            "(error-compensating rounding) or awq+gptq, on calibration data; grid: layers of a Q4_1 "
+                            "GGUF keep their own 4-bit grid (ONNX Runtime only), the others are rounded; hqq and grid "
+                            "write float zero points, which onnxruntime's CPU kernels run far slower")
+    calib.add_argument("--int4-block", type=int, default=defaults.int4_block, choices=(32, 64, 128),
+                       help="input channels per int4 scale (larger: fewer bytes, less accuracy)")
+    calib.add_argument("--int4-asymmetric", action="store_true",
+                       help="int4 blocks with a zero point each (calibrated methods only)")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
     calib.add_argument("--max-ppl-increase", default=defaults.max_ppl_increase,
@@ -254,7 +264,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     calibration = calibrate.CalibrationConfig(
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
-        smoothquant_alpha=args.smoothquant_alpha,
+        smoothquant_alpha=args.smoothquant_alpha, int4_method=args.int4_method, int4_block=args.int4_block,
+        int4_symmetric=not args.int4_asymmetric,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.report:
@@ -555,6 +566,10 @@ def build(config: BuildConfig) -> list[StageResult]:
     if backend == "trt":
         for precision in config.precisions:
             trt_engine.check_precision(precision)
+        if "int4" in config.precisions and config.calibration.int4_method in ("hqq", "grid"):
+            raise BadInputError(f"--int4-method {config.calibration.int4_method} writes MatMulNBits with float zero "
+                                "points, which only ONNX Runtime runs; for --backend trt choose rtn, awq, gptq or "
+                                "awq+gptq")
     if backend == "ort":  # before the export, so a wrong provider costs nothing
         ort_engine.check_provider(config.engine.provider)
     if config.calibration.data.source is not None:  # a wrong --calib-data is found before minutes of export

@@ -146,27 +146,43 @@ def fake_quantize_weight_blocked(weight: np.ndarray, axis: int, precision: str) 
     return restored if axis == 1 else restored.T
 
 
-INT4_RENAMED = "_matmul_Q4"  # the suffix onnxruntime's MatMulNBitsQuantizer adds to node names
+# The suffixes onnxruntime's MatMulNBitsQuantizer adds to the names of the nodes it quantizes (Q/DQ; HQQ).
+INT4_RENAMED = ("_matmul_Q4", "_Q4")
+# MatMulNBits' compute type for HQQ's layers: 4 rounds the input to int8 per block at run time, as the Q/DQ
+# layers fused by ONNX Runtime do (its default for them); HQQ's quantizer leaves it unset (float32 compute).
+HQQ_ACCURACY_LEVEL = 4
 
 
-def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset()) -> None:
-    """Symmetric int4 weights in blocks of 32 as blocked DequantizeLinear + MatMul, through onnxruntime's
-    quantizer (which writes 8 bits only as MatMulNBits, never as Q/DQ): ONNX Runtime fuses each pair into
-    MatMulNBits, TensorRT reads blocked int4."""
+def quantize_int4(model_path, destination, exclude: frozenset[str] = frozenset(), algorithm: str = "rtn",
+                  block: int = BLOCKS["int4"]) -> None:
+    """Int4 weights in blocks of `block` input channels through onnxruntime's quantizer. rtn: symmetric,
+    round-to-nearest, as blocked DequantizeLinear + MatMul (ONNX Runtime fuses each pair into MatMulNBits,
+    TensorRT reads blocked int4; the quantizer writes 8 bits only as MatMulNBits, never as Q/DQ). hqq:
+    half-quadratic optimization of a scale and a float zero point per block, written as MatMulNBits (ONNX Runtime
+    only: DequantizeLinear has no float zero point)."""
     import logging
 
     import onnx
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     # Its module sets the root logger to INFO on import (a line per node, and every library's INFO after it):
     # back to Python's default.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=BLOCKS["int4"], is_symmetric=True,
-                                     nodes_to_exclude=sorted(exclude), quant_format=QuantFormat.QDQ)
+    hqq = HQQWeightOnlyQuantConfig(block_size=block, bits=4) if algorithm == "hqq" else None
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=block, is_symmetric=True,
+                                     nodes_to_exclude=sorted(exclude), quant_format=QuantFormat.QDQ, algo_config=hqq)
     quantizer.process()
-    for node in quantizer.model.model.graph.node:  # it renames what it quantizes; our passes find layers by name
-        if node.name.endswith(INT4_RENAMED):
-            node.name = node.name[: -len(INT4_RENAMED)]
+    for node in quantizer.model.model.graph.node:
+        _restore_name(node)
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", HQQ_ACCURACY_LEVEL))
     quantizer.model.save_model_to_file(str(destination), use_external_data_format=False)
+
+
+def _restore_name(node) -> None:
+    """It renames what it quantizes; our passes find layers by name."""
+    suffix = next((s for s in INT4_RENAMED if node.name.endswith(s)), None)
+    if suffix:
+        node.name = node.name[: -len(suffix)]

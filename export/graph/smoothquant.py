@@ -91,18 +91,29 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.skip = skip
 
     def call(self, model: ir.Model) -> SmoothQuantResult:
-        smoothed = []
+        scales = {}
         for x, nodes in linear_groups(model.graph).items():
             if x.name not in self.channel_absmax or any(node.name in self.skip for node in nodes):
                 continue
             weights = [weight_array(node) for node in nodes]
             axes = [weight_axis(node) for node in nodes]
-            scales = smoothing_scales(self.channel_absmax[x.name], weights, axes, self.alpha)
-            if not fold_into_producer(x, 1.0 / scales):
-                continue
-            for node, weight, axis in zip(nodes, weights, axes):
-                shape = [1, 1]
-                shape[1 - axis] = -1  # rows of the input-channel axis
-                set_constant(node.inputs[1], weight * scales.reshape(shape))
-            smoothed += [node.name for node in nodes]
+            scales[x.name] = smoothing_scales(self.channel_absmax[x.name], weights, axes, self.alpha)
+        smoothed = fold_scales(model, scales)
         return SmoothQuantResult(model, bool(smoothed), smoothed=smoothed)
+
+
+def fold_scales(model: ir.Model, scales: dict[str, np.ndarray]) -> list[str]:
+    """For each activation named in `scales` (per input channel s), divide it by s in its producer and multiply
+    the rows of every linear layer reading it by s: X @ W is unchanged in float. SmoothQuant and AWQ differ only
+    in how they choose s. Activations whose producer cannot take the fold are left alone; returns the layers
+    whose input was scaled."""
+    scaled = []
+    for x, nodes in linear_groups(model.graph).items():
+        if x.name not in scales or not fold_into_producer(x, 1.0 / scales[x.name]):
+            continue
+        for node in nodes:
+            shape = [1, 1]
+            shape[1 - weight_axis(node)] = -1  # rows of the input-channel axis
+            set_constant(node.inputs[1], weight_array(node) * scales[x.name].reshape(shape))
+        scaled += [node.name for node in nodes]
+    return scaled

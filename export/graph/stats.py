@@ -166,3 +166,33 @@ def stream(model_path: Path, tensors: list[str], samples: np.ndarray, facts: dic
         session = plain_session(augmented, threads)
         for window in track(samples, f"[statistics] {len(tensors)} tensors"):
             yield dict(zip(tensors, session.run(tensors, prefill_feeds(window[None], facts))))
+
+
+def gram_matrices(model_path: Path, channels: dict[str, int], samples: np.ndarray, facts: dict, threads: int,
+                  budget_bytes: int = 512 * 2**20, scratch: Path | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(tensor, XᵀX over every calibration position) for each named tensor of `channels` (name -> width), one
+    at a time: GPTQ's Hessians. Memory is bounded by `budget_bytes` of float64 sums, not by the model: the
+    tensors are taken in chunks that fit it, one pass over the samples per chunk (two passes on the default
+    model at the default budget)."""
+    for chunk in _chunks(channels, budget_bytes):
+        grams = {name: np.zeros((channels[name], channels[name])) for name in chunk}
+        for outputs in stream(model_path, chunk, samples, facts, threads, scratch):
+            for name, value in outputs.items():
+                x = value.reshape(-1, channels[name]).astype(np.float32, copy=False)
+                grams[name] += x.T @ x  # one window's product in float32 (twice as fast), the sum in float64
+        for name in chunk:
+            yield name, grams.pop(name)
+
+
+def _chunks(channels: dict[str, int], budget_bytes: int) -> list[list[str]]:
+    """The tensors in order, grouped so that each group's float64 Gram matrices fit the budget (a tensor whose
+    Gram alone is larger goes alone)."""
+    chunks, used = [[]], 0
+    for name, width in channels.items():
+        size = 8 * width * width
+        if chunks[-1] and used + size > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [chunk for chunk in chunks if chunk]
