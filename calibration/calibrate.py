@@ -44,7 +44,10 @@ from runtime.errors import AccuracyError, BadInputError
 from runtime.ranges import check_ranges, ranged
 
 STAGE = "calibrate"
-PRECISIONS = ("int8", "int8-weight-only", "int4")
+PRECISIONS = ("int8", "int8-weight-only", "int4", "mixed")
+# The precisions whose linear layers take 4-bit weights: int4 every one but the weight-only int8 ones (the LM
+# head); mixed, each 4 or 8 bits, the fewest bytes that meet the gate (or the most accuracy within --max-size).
+FOUR_BIT = ("int4", "mixed")
 # int8-weight-only is smoothed too: MatMulNBits quantizes its input per block at run time (int8 compute),
 # where the outliers do the damage; the strengths are the best measured (README, "INT8"). int4 weights have no
 # range left to take outliers.
@@ -96,6 +99,9 @@ class CalibrationConfig:
     max_ppl_increase: float = ranged(3.0, "--max-ppl-increase", low=0)
     # Never return more than this share of the linear layers to float: past it, it is not an int8 engine.
     max_float_fraction: float = ranged(0.10, "--max-float-fraction", low=0, high=1)
+    # mixed: the largest calibrated model, in MB, instead of the fewest bytes that meet the gate: the layers that
+    # lose most per byte saved stay 8-bit while they fit (the gate still applies).
+    max_size_mb: float | None = ranged(None, "--max-size", low=0, low_open=True)
     # Write the artifact even when the gate is missed (the metrics still say so).
     allow_accuracy_loss: bool = False
     threads: int = ranged(os.cpu_count() or 1, "--threads", low=1)
@@ -114,6 +120,16 @@ class CalibrationConfig:
                                 "symmetric ones); --int4-block and --int4-asymmetric need another method (hqq, awq, "
                                 "gptq, awq+gptq)")
         Int4Spec(self.int4_block, self.int4_symmetric)  # a block size it cannot write fails here, before any work
+
+
+def check_precisions(config: CalibrationConfig, precisions: tuple[str, ...]) -> None:
+    """What the calibration flags mean only for some precisions, checked against those the build makes."""
+    if config.max_size_mb is not None and "mixed" not in precisions:
+        raise BadInputError("--max-size is the budget of --precision mixed (which chooses 4 or 8 bits per layer); "
+                            "drop it, or build mixed")
+    if "mixed" in precisions and config.int4_method in ("hqq", "grid"):
+        raise BadInputError(f"--precision mixed takes int4 blocks with integer zero points, not --int4-method "
+                            f"{config.int4_method}'s float zero points; choose rtn, awq, gptq or awq+gptq")
 
 
 def smoothquant_strength(config: CalibrationConfig) -> float | None:
@@ -147,10 +163,11 @@ def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str
 
 @dataclass
 class Candidate:
-    kept: list[str]
+    kept: list[str]  # returned to float
     evaluations: dict[str, accuracy.Evaluation]  # by text domain
     increase: float  # the largest perplexity increase over the domains
     path: Path
+    eight_bit: list[str] = field(default_factory=list)  # mixed: the layers given 8 bits
 
 
 def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, generations: list[dict] | None = None,
@@ -179,12 +196,15 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, gen
         "always_float": [name for name in config.keep_fp if name not in chosen.kept],
         "weight_only_int8": weight_only_layers(config, layers),
         "float_fraction": len(chosen.kept) / len(sensitivity),
-        "smoothquant_layers": 0 if config.precision == "int4" else len(smoothed),
+        "smoothquant_layers": 0 if config.precision in FOUR_BIT else len(smoothed),
         "tried": tried,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    if config.precision == "int4":  # what chose the weights; `smoothed` holds the layers AWQ scaled
+    if config.precision == "mixed":  # the plan, as a pruning plan is kept: which layers got 8 bits
+        metrics["eight_bit"] = chosen.eight_bit  # the LM head's included
+        metrics["four_bit"] = len(layers) - len(chosen.eight_bit) - len(chosen.kept)
+    if config.precision in FOUR_BIT:  # what chose the weights; `smoothed` holds the layers AWQ scaled
         metrics["int4"] = {"method": config.int4_method, "block": config.int4_block,
                            "symmetric": config.int4_symmetric, "act_order": config.int4_act_order,
                            "awq_layers": len(smoothed),
@@ -197,7 +217,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     smoothed (at int4: AWQ-scaled) layers)."""
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
-    if config.precision == "int4":  # weights only: no activation statistics
+    if config.precision in FOUR_BIT:  # weights only: no activation statistics
         if config.int4_method in ("hqq", "grid"):
             progress(f"[calibrate] int4 {config.int4_method}: {FLOAT_ZERO_POINT_NOTE}")
         if config.int4_method in LIBRARY_METHODS:
@@ -263,7 +283,10 @@ def _prepare_int4(source: Path, config: CalibrationConfig, samples, facts: dict,
                           config.int4_act_order, skip, scratch=work)
     scaled = work / "int4-scaled.onnx"
     ir.save(model, scaled)
-    return scaled, plan.weights, sorted(plan.errors, key=plan.errors.get, reverse=True), plan.awq_scaled
+    # mixed gives 8 bits first to the layers that lose most per byte the extra 4 bits cost
+    cost = {name: plan.weights[name].values.size if config.precision == "mixed" else 1 for name in plan.errors}
+    order = sorted(plan.errors, key=lambda name: plan.errors[name] / cost[name], reverse=True)
+    return scaled, plan.weights, order, plan.awq_scaled
 
 
 # The progress line each rotation reports, given how many layers it rotated.
@@ -309,17 +332,18 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
     model = ir.load(str(model_path))
     if precision == "int8-weight-only":
         QuantizeLinearLayersPass(frozenset(keep), block=BLOCKS[precision])(model)
-    elif precision == "int4":  # the weight-only int8 layers first (per channel, which TensorRT also takes;
+    elif precision in FOUR_BIT:  # the weight-only int8 layers first (per channel, which TensorRT also takes;
         # it takes blocks in int4 only): the int4 quantizer then skips them
         others = frozenset(node.name for node in projection_nodes(model.graph)) - frozenset(weight_only)
         QuantizeLinearLayersPass(others)(model)
-        given = {name: weight for name, weight in (scales or {}).items() if name not in keep}
+        eight_bit_or_float = frozenset(keep) | frozenset(weight_only)
+        given = {name: weight for name, weight in (scales or {}).items() if name not in eight_bit_or_float}
         SourceGridPass({name: w for name, w in given.items() if on_source_grid(w)})(model)
         Int4WeightsPass({name: w for name, w in given.items() if not on_source_grid(w)})(model)
     else:  # int8; the layers the search returns go wholly to float (the weight-only ones are chosen up front)
         QuantizeLinearLayersPass(frozenset(keep), scales, weight_only=frozenset(weight_only))(model)
     ir.save(model, destination)
-    if precision == "int4":  # what no given weight covers: onnxruntime's quantizer (rtn, or hqq when chosen)
+    if precision in FOUR_BIT:  # what no given weight covers: onnxruntime's quantizer (rtn, or hqq when chosen)
         covered = frozenset(keep) | frozenset(weight_only) | frozenset(scales or {})
         quantize_int4(destination, destination, exclude=covered, algorithm="hqq" if int4[0] == "hqq" else "rtn",
                       block=int4[1])
@@ -328,6 +352,8 @@ def _emit(model_path: Path, keep: list[str], weight_only: list[str], scales, des
 
 def _search(model_path, scales, sensitivity, reference, domains, config, facts, work, progress):
     """Fewest layers in float that meet the gate: the always-kept ones, then the most sensitive, doubling."""
+    if config.precision == "mixed":
+        return _search_bits(model_path, scales, sensitivity, reference, domains, config, facts, work, progress)
     weight_only = weight_only_layers(config, facts["linear_layers"])
     layers = [name for name in sensitivity if name not in weight_only]  # most sensitive first
     budget = int(config.max_float_fraction * len(layers))
@@ -354,11 +380,90 @@ def _search(model_path, scales, sensitivity, reference, domains, config, facts, 
             best = candidate
         if increase <= config.max_ppl_increase:
             return candidate, tried
-    increase = best.increase
     if not config.allow_accuracy_loss:
-        worst = ", ".join(sensitivity[:5])
-        raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {increase:+.1f}% (limit "
+        raise AccuracyError(f"{config.precision} misses the accuracy gate: perplexity {best.increase:+.1f}% (limit "
                             f"{config.max_ppl_increase:+.1f}%) even with {len(best.kept)} of {len(layers)} layers in "
-                            f"float; most sensitive layers: {worst}; raise --max-ppl-increase, or pass "
-                            "--allow-accuracy-loss")
+                            f"float; most sensitive layers: {', '.join(sensitivity[:5])}; raise --max-ppl-increase, "
+                            "or pass --allow-accuracy-loss")
     return best, tried
+
+
+def _search_bits(model_path, weights, order, reference, domains, config, facts, work, progress):
+    """mixed: the fewest 8-bit layers (most loss per byte saved first) whose model meets the gate: doubling until
+    one does, then halving the gap to the last that did not; or, under --max-size, the most that fit."""
+    fixed = weight_only_layers(config, facts["linear_layers"])
+    layers = [name for name in order if name not in fixed and name not in config.keep_fp]
+    tried, seen = [], {}
+
+    def evaluate(count: int) -> Candidate:
+        if count not in seen:
+            eight_bit = fixed + layers[:count]
+            path = _emit(model_path, list(config.keep_fp), eight_bit, weights, work / f"candidate-{count}.onnx",
+                         config.precision, (config.int4_method, config.int4_block))
+            evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
+            increase = accuracy.worst_increase(evaluations, reference)
+            agreement = evaluations[accuracy.HELD_OUT].agreement(reference[accuracy.HELD_OUT])
+            size = path.stat().st_size
+            tried.append({"eight_bit": count, "model_bytes": size, "perplexity_increase_percent": increase,
+                          "top1_agreement": agreement})
+            progress(f"[calibrate] {count} of {len(layers)} layers 8-bit, {size / 1e6:.1f} MB: perplexity "
+                     f"{increase:+.2f}% (worst domain), top-1 agreement {agreement:.3f}")
+            seen[count] = Candidate(list(config.keep_fp), evaluations, increase, path, eight_bit)
+        return seen[count]
+
+    if config.max_size_mb is not None:
+        chosen = evaluate(_fitting_count(evaluate(0).path, model_path, layers, config))
+    else:
+        chosen = _fewest_passing(evaluate, len(layers), config.max_ppl_increase)
+    if chosen.increase > config.max_ppl_increase and not config.allow_accuracy_loss:
+        within = (f"within --max-size {config.max_size_mb:g} MB" if config.max_size_mb is not None
+                  else "even with every layer 8-bit")
+        raise AccuracyError(f"mixed misses the accuracy gate: perplexity {chosen.increase:+.1f}% (limit "
+                            f"{config.max_ppl_increase:+.1f}%) {within}; raise --max-ppl-increase"
+                            f"{' or --max-size' if config.max_size_mb is not None else ''}, build int8-weight-only, "
+                            "or pass --allow-accuracy-loss")
+    return chosen, tried
+
+
+def _fewest_passing(evaluate, most: int, limit: float) -> Candidate:
+    """The candidate of the smallest count that meets `limit`, searched by doubling then bisecting (accuracy
+    rises with the count, not strictly: the search settles within an eighth of the count); every layer 8-bit
+    when none meets it."""
+    failed, count = -1, 0
+    while evaluate(count).increase > limit:
+        if count == most:
+            return evaluate(most)
+        failed, count = count, min(most, max(1, 2 * count))
+    passed = count
+    while passed - failed > max(1, passed // 8):
+        middle = (passed + failed) // 2
+        if evaluate(middle).increase <= limit:
+            passed = middle
+        else:
+            failed = middle
+    return evaluate(passed)
+
+
+def _fitting_count(all_four_bit: Path, model_path: Path, layers: list[str], config: CalibrationConfig) -> int:
+    """How many of `layers`, in order, can take 8 bits with the model within --max-size."""
+    size = all_four_bit.stat().st_size
+    if size > config.max_size_mb * 1e6:
+        raise BadInputError(f"--max-size {config.max_size_mb:g} MB is below this model with every layer 4-bit "
+                            f"({size / 1e6:.1f} MB); raise it, or build int4")
+    shapes = {node.name: weight_array(node).shape for node in linear_nodes(ir.load(str(model_path)).graph)}
+    count = 0
+    for name in layers:
+        size += _eight_bit_extra_bytes(shapes[name], config)
+        if size > config.max_size_mb * 1e6:
+            break
+        count += 1
+    return count
+
+
+def _eight_bit_extra_bytes(shape: tuple[int, int], config: CalibrationConfig) -> int:
+    """What 8 bits cost a [in, out] layer over 4: int8 values and a float scale per output channel, against int4
+    values and a float scale (and a uint4 zero point, asymmetric) per block."""
+    rows, columns = shape
+    blocks = -(-rows // config.int4_block) * columns
+    four_bit = rows * columns // 2 + 4 * blocks + (0 if config.int4_symmetric else blocks // 2)
+    return rows * columns + 4 * columns - four_bit

@@ -65,6 +65,9 @@ def accuracy_lines(chain: list[artifacts.Artifact], records: list[AccuracyRecord
     calibrated = next((a for a in chain if a.stage == "calibrate"), None)
     if calibrated and calibrated.metrics.get("kept_in_float"):
         lines.append(f"- layers kept in float by calibration: {', '.join(calibrated.metrics['kept_in_float'])}")
+    if calibrated and calibrated.metrics.get("eight_bit") is not None:
+        lines.append(f"- mixed precision: {len(calibrated.metrics['eight_bit'])} linear layers 8-bit, "
+                     f"{calibrated.metrics['four_bit']} 4-bit (the plan: the calibrate artifact's metrics.eight_bit)")
     pruned = next((a for a in chain if a.stage == "prune"), None)
     if pruned:
         lines.append(f"- structured pruning removed {pruned.metrics['parameters_removed_percent']:.1f}% of the "

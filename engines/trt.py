@@ -63,7 +63,7 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
 # TensorRT takes weight-only quantization in int4 blocks only; int8-weight-only's int8 blocks are ONNX Runtime's.
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "mixed")
 
 
 def check_precision(precision: str) -> None:

@@ -28,7 +28,8 @@ STAGE = "engine"  # the stage whose gate this is (engines/ort.py and engines/trt
 
 # (error statistic, absolute tolerance) on logits against the fp32 export, by precision.
 LOGITS_TOLERANCE = {"fp32": ("max", 1e-3), "fp16": ("mean", 5e-2), "int8": ("mean", 1.0),
-                    "int8-weight-only": ("mean", 0.5), "int4": ("mean", 2.0)}
+                    "int8-weight-only": ("mean", 0.5), "int4": ("mean", 2.0),
+                    "mixed": ("mean", 2.0)}
 # Percentage points of perplexity an engine may add to its parent's (fusions reorder float sums; with int8
 # activations that can flip a rounding, but it must never cost real accuracy).
 PPL_SLACK_POINTS = 0.5

@@ -103,6 +103,7 @@ class BuildConfig:
             raise BadInputError(f"unknown precision {named}; choose one or more of: {', '.join(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise BadInputError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+        calibrate.check_precisions(self.calibration, self.precisions)
         if self.distillation.steps and not self.pruning.wanted():
             raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
                                 "--prune-budget or --prune-plan")
@@ -193,6 +194,9 @@ def build_parser() -> OneLineParser:
     calib.add_argument("--max-float-fraction", default=defaults.max_float_fraction,
                        type=flag_type(calibrate.CalibrationConfig, "max_float_fraction", float),
                        help="the largest share of linear layers the search may return to float to meet the gate")
+    calib.add_argument("--max-size", default=None, type=flag_type(calibrate.CalibrationConfig, "max_size_mb", float),
+                       help="mixed: the largest calibrated model in MB; the layers that lose most per byte saved "
+                            "stay 8-bit while they fit (instead of the fewest bytes that meet the gate)")
     calib.add_argument("--allow-accuracy-loss", action="store_true", help="keep a build that misses the gate")
     pruning = parser.add_argument_group("structured pruning (before calibration)")
     pruning.add_argument("--prune", default="", help="explicit ratios, e.g. mlp=0.25,heads=0.1,layers=2")
@@ -265,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
         smoothquant_alpha=args.smoothquant_alpha, int4_method=args.int4_method, int4_block=args.int4_block,
-        int4_symmetric=not args.int4_asymmetric,
+        int4_symmetric=not args.int4_asymmetric, max_size_mb=args.max_size,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.report:
@@ -538,8 +542,9 @@ def summary_table(results: list[StageResult]) -> str:
 
 
 def comparison_table(results: list[StageResult]) -> str:
-    """One row per precision built: size and accuracy against fp32, and what calibration kept in float."""
-    rows = [("precision", "engine", "size", "ppl vs fp32", "top-1", "float layers", "calibration")]
+    """One row per precision built: size and accuracy against fp32, and what calibration kept in float (and,
+    mixed, gave 8 bits)."""
+    rows = [("precision", "engine", "size", "ppl vs fp32", "top-1", "float layers", "8-bit layers", "calibration")]
     calibrated = None
     for r in results:
         if r.stage == calibrate.STAGE:
@@ -553,6 +558,7 @@ def comparison_table(results: list[StageResult]) -> str:
                      f"{check.perplexity_increase_percent:+.2f}%" if check else "-",
                      f"{check.top1_agreement:.3f}" if check else "-",
                      str(len(cal.get("kept_in_float", []))) if cal else "-",
+                     str(len(cal["eight_bit"])) if "eight_bit" in cal else "-",
                      f"{cal['calibration_seconds']:.0f}s" if cal else "-"))
         calibrated = None
     return report.format_rows(rows)

@@ -61,6 +61,7 @@ def engine_entry(engine: artifacts.Artifact, by_id: dict[str, artifacts.Artifact
         "accuracy": engine.metrics.get("accuracy", []),
         "latency": {k: figures.get(k) for k in ("ttft_ms", "tpot_ms", "tokens_per_second")},
         "kept_in_float": calibrated.metrics.get("kept_in_float", []) if calibrated else [],
+        "eight_bit": calibrated.metrics.get("eight_bit") if calibrated else None,
         "pruning_plan": pruned.metrics.get("plan") if pruned else None,
         "fusion": engine.metrics.get("fusion", {}).get("attention"),
     }
@@ -117,6 +118,9 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
     for e in report["engines"]:
         if e["kept_in_float"]:
             lines += ["", f"Kept in float ({e['precision']}): " + ", ".join(f"`{n}`" for n in e["kept_in_float"])]
+        if e.get("eight_bit") is not None:
+            lines += ["", f"8-bit layers ({e['precision']}; the other linear layers but the LM head are 4-bit): "
+                      + (", ".join(f"`{n}`" for n in e["eight_bit"]) or "none")]
         if e["pruning_plan"]:
             plan = e["pruning_plan"]
             lines += ["", f"Pruning plan ({e['precision']}): dropped layers {plan['dropped_layers']}, MLP pruned in "
