@@ -25,7 +25,7 @@ from calibration.int4 import LIBRARY_METHODS, calibrate_int4, on_source_grid, so
 from calibration.int4 import METHODS as INT4_METHODS
 from export.graph import stats
 from export.graph.data import DataConfig, stage_text
-from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass
+from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass, UntiePass
 from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
@@ -82,6 +82,9 @@ class CalibrationConfig:
     int4_block: int = 32  # input channels per scale: 32, 64 or 128 (fewer bytes per weight, less accuracy)
     int4_symmetric: bool = True  # False: a zero point per block (uint4), for the calibrated methods
     int4_act_order: bool = True  # GPTQ visits the input channels of most energy first
+    # The LM head takes 4 bits too at int4 (at mixed: unless the search gives it 8), untied from the embedding
+    # table: a decode step reads about half the bytes there, for some accuracy (README, "INT4").
+    int4_lm_head: bool = False
     # Linear layers left wholly in float, by name.
     keep_fp: tuple[str, ...] = ()
     # Linear layers (names or fnmatch patterns) whose weights alone become int8 (input left in float) at
@@ -124,6 +127,9 @@ class CalibrationConfig:
 
 def check_precisions(config: CalibrationConfig, precisions: tuple[str, ...]) -> None:
     """What the calibration flags mean only for some precisions, checked against those the build makes."""
+    if config.int4_lm_head and not set(FOUR_BIT) & set(precisions):
+        raise BadInputError("--int4-lm-head gives the LM head 4 bits at --precision int4 or mixed; build one of "
+                            "them, or drop it")
     if config.max_size_mb is not None and "mixed" not in precisions:
         raise BadInputError("--max-size is the budget of --precision mixed (which chooses 4 or 8 bits per layer); "
                             "drop it, or build mixed")
@@ -154,7 +160,7 @@ def check_layers(config: CalibrationConfig, layers: list[str]) -> None:
 
 def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str]:
     """The layers of this model that become weight-only int8 (families name their LM head differently)."""
-    patterns = config.weight_only_int8
+    patterns = () if config.precision in FOUR_BIT and config.int4_lm_head else config.weight_only_int8
     if config.precision == "int8" and not config.online_rotation:
         patterns += config.weight_only_at_int8
     return [name for name in layers if name not in config.keep_fp
@@ -218,6 +224,8 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     facts = parent.model_facts
     source = parent.file(MODEL_FILE)
     if config.precision in FOUR_BIT:  # weights only: no activation statistics
+        if config.int4_lm_head:
+            source = _untied_head(source, config, work)
         if config.int4_method in ("hqq", "grid"):
             progress(f"[calibrate] int4 {config.int4_method}: {FLOAT_ZERO_POINT_NOTE}")
         if config.int4_method in LIBRARY_METHODS:
@@ -256,6 +264,17 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     scales = {name: s.scale(config.method) for name, s in tensor_stats.items()}
     sensitivity = _activation_sensitivity(model, inputs, tensor_stats, scales)  # `model` is what `source` holds
     return source, scales, sensitivity, smoothed
+
+
+def _untied_head(source: Path, config: CalibrationConfig, work: Path) -> Path:
+    """The graph with the LM head (weight_only_int8's layers) reading a weight of its own, for int4 to reach."""
+    model = ir.load(str(source))
+    heads = frozenset(node.name for node in projection_nodes(model.graph)
+                      if any(fnmatch.fnmatchcase(node.name, pattern) for pattern in config.weight_only_int8))
+    UntiePass(heads)(model)
+    untied = work / "untied.onnx"
+    ir.save(model, untied)
+    return untied
 
 
 # Said at calibration, so nobody ships a grid or hqq engine unaware of its speed.

@@ -186,6 +186,9 @@ def build_parser() -> OneLineParser:
                        help="input channels per int4 scale (larger: fewer bytes, less accuracy)")
     calib.add_argument("--int4-asymmetric", action="store_true",
                        help="int4 blocks with a zero point each (calibrated methods only)")
+    calib.add_argument("--int4-lm-head", action="store_true",
+                       help="int4 and mixed: the LM head takes 4 bits too (about half its bytes per decode step, for "
+                            "some accuracy); mixed may still give it 8")
     calib.add_argument("--keep-fp", default="", help="comma-separated linear layers to leave wholly in float "
                        "(the LM head's weights are int8 and its input float unless it is named here)")
     calib.add_argument("--max-ppl-increase", default=defaults.max_ppl_increase,
@@ -269,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         method=args.calib_method, keep_fp=keep, max_ppl_increase=args.max_ppl_increase, rotate=args.rotate,
         online_rotation=args.online_rotation,
         smoothquant_alpha=args.smoothquant_alpha, int4_method=args.int4_method, int4_block=args.int4_block,
-        int4_symmetric=not args.int4_asymmetric, max_size_mb=args.max_size,
+        int4_symmetric=not args.int4_asymmetric, int4_lm_head=args.int4_lm_head, max_size_mb=args.max_size,
         max_float_fraction=args.max_float_fraction, allow_accuracy_loss=args.allow_accuracy_loss,
         threads=args.threads, data=data)
     if args.report:

@@ -317,3 +317,50 @@ def test_source_grids_finds_only_the_layers_on_a_grid(export_factory):
     node.inputs[1].const_value = ir.tensor(q4_1_weight(rows, columns))
     grids = source_grids(model, skip=frozenset({"lm_head"}))
     assert list(grids) == ["model.layers.0.mlp.down_proj"] and on_source_grid(grids["model.layers.0.mlp.down_proj"])
+
+
+def tied_head_model(vocab=96, width=64):
+    """An embedding lookup and an LM head reading the same table through a Transpose, as a tied export does."""
+    ids = ir.Value(name="ids", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64))
+    graph = empty_graph(ids)
+    table = add_initializer(graph, "embed_tokens.weight",
+                            np.random.default_rng(7).standard_normal((vocab, width)).astype(np.float32))
+    gather = ir.node("Gather", [table, ids], name="embed_tokens")
+    transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name="lm_head_transpose")
+    head = ir.node("MatMul", [gather.outputs[0], transpose.outputs[0]], name="lm_head")
+    for node in (gather, transpose, head):
+        graph.append(node)
+    return model_of(graph, head.outputs[0])
+
+
+def test_untie_gives_a_tied_head_its_own_weight_and_int4_then_reaches_it():
+    from test_graph import run
+
+    from export.graph.gptq import UntiePass
+
+    model = tied_head_model()
+    feeds = {"ids": np.array([3, 40])}
+    before = run(model, feeds)[0]
+    assert UntiePass(frozenset({"lm_head"}))(model).quantized == ["lm_head"]
+    assert "Transpose" not in op_types(model) and "Gather" in op_types(model)  # the lookup keeps the table
+    assert np.array_equal(run(model, feeds)[0], before)
+    head = next(node for node in model.graph if node.name == "lm_head")
+    Int4WeightsPass({"lm_head": rtn(head.inputs[1].const_value.numpy(), Int4Spec(32, True))})(model)
+    assert op_types(model).count("DequantizeLinear") == 1
+    assert np.abs(run(model, feeds)[0] - before).mean() < 0.1 * np.abs(before).mean()
+
+
+def test_int4_lm_head_gives_the_head_4_bits_and_is_refused_without_a_4_bit_precision(tiny_model_factory, tmp_path):
+    from test_calibration import build_tiny_llama
+
+    from export.build import parse_args
+    from runtime.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="--int4-lm-head"):
+        parse_args(["--precision", "int8", "--int4-lm-head", "--out", str(tmp_path)])
+    result = build_tiny_llama(tiny_model_factory, tmp_path, "int4", "--allow-accuracy-loss", "--int4-lm-head")
+    assert result.returncode == 0, result.stderr
+    proto = onnx.load(str(next((tmp_path / "store").glob("calibrate-*")) / "model.onnx"))
+    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    head = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.name.startswith("lm_head"))
+    assert inits[head.input[0]] == onnx.TensorProto.INT4

@@ -19,7 +19,14 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from export.graph.linear import add_initializer, linear_nodes, weight_array, weight_axis
+from export.graph.linear import (
+    add_initializer,
+    linear_nodes,
+    projection_nodes,
+    projection_weight,
+    weight_array,
+    weight_axis,
+)
 
 BLOCK_SIZES = (32, 64, 128)
 
@@ -190,6 +197,26 @@ class Int4WeightsPass(ir.passes.InPlacePass):
             model.ir_version = max(model.ir_version or 0, 10)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return Int4Result(model, bool(quantized), quantized=quantized)
+
+
+class UntiePass(ir.passes.InPlacePass):
+    """Gives each named layer that reads a transposed constant (a tied LM head reads the embedding table) a
+    weight of its own, so the int4 passes, which quantize a MatMul's constant weight, reach it. The embedding
+    keeps its float table: a lookup reads one row per token, the LM head all of them."""
+
+    def __init__(self, names: frozenset[str]):
+        super().__init__()
+        self.names = names
+
+    def call(self, model: ir.Model) -> Int4Result:
+        untied = []
+        for node in projection_nodes(model.graph):
+            if node.name in self.names and node.op_type == "MatMul" and not node.inputs[1].is_initializer():
+                weight = np.ascontiguousarray(projection_weight(node))
+                node.replace_input_with(1, add_initializer(model.graph, f"{node.name}.weight", weight))
+                untied.append(node.name)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        return Int4Result(model, bool(untied), quantized=untied)
 
 
 def layer_weight(node: ir.Node) -> np.ndarray:
