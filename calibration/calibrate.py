@@ -1,10 +1,11 @@
-"""The calibrate stage: fp32 artifact + sample text → an int8 (or int8-weight-only) Q/DQ artifact that
-keeps accuracy, or a clear failure naming the layers that cost it.
+"""The calibrate stage: fp32 artifact + sample text → an int8, int8-weight-only, int4 or mixed 4/8-bit Q/DQ
+artifact that keeps accuracy, or a clear failure naming the layers that cost it.
 
 Steps: evaluate the parent; SmoothQuant (int8, and int8-weight-only, whose MatMulNBits quantizes its
-inputs at run time); activation statistics of the smoothed graph (int8); emit Q/DQ; evaluate; while the
-perplexity increase is over budget, return the most sensitive layers to float (never more than
-`max_float_fraction` of them) and evaluate again.
+inputs at run time); activation statistics of the smoothed graph (int8), or the calibrated 4-bit weights
+(int4, mixed: calibration/int4.py); emit Q/DQ; evaluate; while the perplexity increase is over budget, return
+the most sensitive layers to float (never more than `max_float_fraction` of them) and evaluate again. mixed
+gives layers 8 bits instead of float, the fewest that meet the gate or as many as --max-size allows.
 """
 
 from __future__ import annotations
