@@ -139,3 +139,19 @@ def test_a_chat_model_build_reports_every_gate_on_both_domains_and_the_behaviour
     assert {r.domain for r in records} == {"held-out", "teacher-answers", "behaviour probes"}
     behaviour_record = next(r for r in records if r.domain == "behaviour probes")
     assert behaviour_record.answer_agreement == 1.0 and behaviour_record.passed
+
+
+def test_the_healing_gate_measures_on_the_windows_every_other_gate_measures_on(chat_export, tmp_path):
+    from types import SimpleNamespace
+
+    from export.build import distillation_text, parse_args
+    from export.graph.data import stage_text
+
+    generations = [{"prompt": p, "response": f"answer number {i} " * 40} for i, p in enumerate(teacher.SEED_PROMPTS)]
+    config = parse_args(["--model", str(chat_export.path), "--prune", "mlp=0.25", "--distill-steps", "1",
+                         "--calib-seq-len", "24", "--eval-samples", "3", "--out", str(tmp_path)])
+    train, domains = distillation_text(config, chat_export, SimpleNamespace(generations=generations))
+    _, gates = stage_text(config.calibration.data, chat_export, generations, fit_on_teacher=True)
+    assert domains.keys() == gates.keys() and len(domains) == 2
+    assert all(np.array_equal(domains[name], gates[name]) for name in gates)  # the prune and calibrate gates'
+    assert train.shape[1] != gates["held-out"].shape[1]  # training windows keep distillation's own length
