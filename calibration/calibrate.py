@@ -164,6 +164,11 @@ def weight_only_layers(config: CalibrationConfig, layers: list[str]) -> list[str
     patterns = () if config.precision in FOUR_BIT and config.int4_lm_head else config.weight_only_int8
     if config.precision == "int8" and not config.online_rotation:
         patterns += config.weight_only_at_int8
+    return _named(patterns, layers, config)
+
+
+def _named(patterns: tuple[str, ...], layers: list[str], config: CalibrationConfig) -> list[str]:
+    """The layers (not kept in float) that any of the names or fnmatch patterns match."""
     return [name for name in layers if name not in config.keep_fp
             and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
@@ -226,7 +231,7 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     source = parent.file(MODEL_FILE)
     if config.precision in FOUR_BIT:  # weights only: no activation statistics
         if config.int4_lm_head:
-            source = _untied_head(source, config, work)
+            source = _untied_head(source, _named(config.weight_only_int8, facts["linear_layers"], config), work)
         if config.int4_method in ("hqq", "grid"):
             progress(f"[calibrate] int4 {config.int4_method}: {FLOAT_ZERO_POINT_NOTE}")
         if config.int4_method in LIBRARY_METHODS:
@@ -267,12 +272,10 @@ def _prepare(parent: Artifact, config: CalibrationConfig, samples, work: Path, p
     return source, scales, sensitivity, smoothed
 
 
-def _untied_head(source: Path, config: CalibrationConfig, work: Path) -> Path:
+def _untied_head(source: Path, heads: list[str], work: Path) -> Path:
     """The graph with the LM head (weight_only_int8's layers) reading a weight of its own, for int4 to reach."""
     model = ir.load(str(source))
-    heads = frozenset(node.name for node in projection_nodes(model.graph)
-                      if any(fnmatch.fnmatchcase(node.name, pattern) for pattern in config.weight_only_int8))
-    UntiePass(heads)(model)
+    UntiePass(frozenset(heads))(model)
     untied = work / "untied.onnx"
     ir.save(model, untied)
     return untied
@@ -387,10 +390,7 @@ def _search(model_path, scales, sensitivity, reference, domains, config, facts, 
         kept = base + [name for name in layers if name not in base][:extra]
         path = _emit(model_path, kept, weight_only, scales, work / f"candidate-{extra}.onnx", config.precision,
                      (config.int4_method, config.int4_block))
-        evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
-        increase = accuracy.worst_increase(evaluations, reference)
-        held_out = evaluations[accuracy.HELD_OUT]
-        agreement = held_out.agreement(reference[accuracy.HELD_OUT])
+        evaluations, increase, agreement = _measure(path, reference, domains, config, facts)
         tried.append({"kept_in_float": len(kept), "perplexity_increase_percent": increase,
                       "top1_agreement": agreement})
         progress(f"[calibrate] {len(kept)} layers in float: perplexity {increase:+.2f}% (worst domain), top-1 "
@@ -408,6 +408,14 @@ def _search(model_path, scales, sensitivity, reference, domains, config, facts, 
     return best, tried
 
 
+def _measure(path: Path, reference, domains, config: CalibrationConfig, facts: dict):
+    """A candidate on every held-out domain: (evaluations by domain, the worst perplexity increase over the
+    reference, top-1 agreement on the calibration text's held-out windows)."""
+    evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
+    agreement = evaluations[accuracy.HELD_OUT].agreement(reference[accuracy.HELD_OUT])
+    return evaluations, accuracy.worst_increase(evaluations, reference), agreement
+
+
 def _search_bits(model_path, weights, order, reference, domains, config, facts, work, progress):
     """mixed: the fewest 8-bit layers (most loss per byte saved first) whose model meets the gate: doubling until
     one does, then halving the gap to the last that did not; or, under --max-size, the most that fit."""
@@ -420,9 +428,7 @@ def _search_bits(model_path, weights, order, reference, domains, config, facts, 
             eight_bit = fixed + layers[:count]
             path = _emit(model_path, list(config.keep_fp), eight_bit, weights, work / f"candidate-{count}.onnx",
                          config.precision, (config.int4_method, config.int4_block))
-            evaluations = accuracy.evaluate_model_on(path, facts, domains, config.threads)
-            increase = accuracy.worst_increase(evaluations, reference)
-            agreement = evaluations[accuracy.HELD_OUT].agreement(reference[accuracy.HELD_OUT])
+            evaluations, increase, agreement = _measure(path, reference, domains, config, facts)
             size = path.stat().st_size
             tried.append({"eight_bit": count, "model_bytes": size, "perplexity_increase_percent": increase,
                           "top1_agreement": agreement})

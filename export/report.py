@@ -119,7 +119,7 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
         if e["kept_in_float"]:
             lines += ["", f"Kept in float ({e['precision']}): " + ", ".join(f"`{n}`" for n in e["kept_in_float"])]
         if e.get("eight_bit") is not None:
-            lines += ["", f"8-bit layers ({e['precision']}; the other linear layers but the LM head are 4-bit): "
+            lines += ["", f"8-bit layers ({e['precision']}; the other linear layers are 4-bit or kept in float): "
                       + (", ".join(f"`{n}`" for n in e["eight_bit"]) or "none")]
         if e["pruning_plan"]:
             plan = e["pruning_plan"]

@@ -341,7 +341,7 @@ def test_untie_gives_a_tied_head_its_own_weight_and_int4_then_reaches_it():
     model = tied_head_model()
     feeds = {"ids": np.array([3, 40])}
     before = run(model, feeds)[0]
-    assert UntiePass(frozenset({"lm_head"}))(model).quantized == ["lm_head"]
+    assert UntiePass(frozenset({"lm_head"}))(model).untied == ["lm_head"]
     assert "Transpose" not in op_types(model) and "Gather" in op_types(model)  # the lookup keeps the table
     assert np.array_equal(run(model, feeds)[0], before)
     head = next(node for node in model.graph if node.name == "lm_head")

@@ -199,6 +199,11 @@ class Int4WeightsPass(ir.passes.InPlacePass):
         return Int4Result(model, bool(quantized), quantized=quantized)
 
 
+@dataclass
+class UntieResult(ir.passes.PassResult):
+    untied: list[str] = field(default_factory=list)
+
+
 class UntiePass(ir.passes.InPlacePass):
     """Gives each named layer that reads a transposed constant (a tied LM head reads the embedding table) a
     weight of its own, so the int4 passes, which quantize a MatMul's constant weight, reach it. The embedding
@@ -208,7 +213,7 @@ class UntiePass(ir.passes.InPlacePass):
         super().__init__()
         self.names = names
 
-    def call(self, model: ir.Model) -> Int4Result:
+    def call(self, model: ir.Model) -> UntieResult:
         untied = []
         for node in projection_nodes(model.graph):
             if node.name in self.names and node.op_type == "MatMul" and not node.inputs[1].is_initializer():
@@ -216,7 +221,7 @@ class UntiePass(ir.passes.InPlacePass):
                 node.replace_input_with(1, add_initializer(model.graph, f"{node.name}.weight", weight))
                 untied.append(node.name)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        return Int4Result(model, bool(untied), quantized=untied)
+        return UntieResult(model, bool(untied), untied=untied)
 
 
 def layer_weight(node: ir.Node) -> np.ndarray:
