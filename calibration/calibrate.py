@@ -27,7 +27,7 @@ from calibration.int4 import METHODS as INT4_METHODS
 from export.graph import stats
 from export.graph.data import DataConfig, stage_text
 from export.graph.gptq import Int4Spec, Int4WeightsPass, SourceGridPass, UntiePass
-from export.graph.linear import linear_nodes, projection_nodes, weight_array, weight_axis
+from export.graph.linear import linear_nodes, projection_nodes, projection_weight, weight_array, weight_axis
 from export.graph.qdq import (
     BLOCKS,
     QuantizeLinearLayersPass,
@@ -190,6 +190,8 @@ def run(parent: Artifact, writer: ArtifactWriter, config: CalibrationConfig, gen
     facts = parent.model_facts
     layers = facts["linear_layers"]
     check_layers(config, layers)
+    if config.max_size_mb is not None:
+        _check_size_floor(parent.file(MODEL_FILE), layers, config)
     samples, domains = stage_text(config.data, parent, generations, fit_on_teacher=False)
     with writer.working_folder() as work:
         progress("[calibrate] fp32 reference on held-out windows: "
@@ -470,26 +472,60 @@ def _fewest_passing(evaluate, most: int, limit: float) -> Candidate:
     return evaluate(passed)
 
 
+def _check_size_floor(source: Path, layers: list[str], config: CalibrationConfig) -> None:
+    """Refuse a --max-size below the all-4-bit model before any calibration: its size is known, up to the graph's
+    own few hundred bytes a layer, from the parent's weights."""
+    floor = _all_four_bit_bytes(source, weight_only_layers(config, layers), config)
+    if floor > config.max_size_mb * 1e6:
+        raise BadInputError(f"--max-size {config.max_size_mb:g} MB is below this model with every layer 4-bit "
+                            f"(at least {floor / 1e6:.1f} MB); raise it, or build int4")
+
+
+def _all_four_bit_bytes(source: Path, eight_bit: list[str], config: CalibrationConfig) -> int:
+    """The file `source` becomes with every layer but `eight_bit` and --keep-fp 4-bit, less the nodes and names
+    quantizing adds. A tied head's table stays float for the embedding lookup, so its quantized copy adds bytes
+    instead of replacing any."""
+    size = source.stat().st_size
+    for node in projection_nodes(ir.load(str(source)).graph):
+        if node.name in config.keep_fp:
+            continue
+        shape = _layer_shape(node)
+        size += _eight_bit_bytes(shape) if node.name in eight_bit else _four_bit_bytes(shape, config)
+        if node.inputs[1].is_initializer():
+            size -= node.inputs[1].const_value.nbytes
+    return size
+
+
+def _layer_shape(node: ir.Node) -> tuple[int, int]:
+    """[in, out] of a layer's weight, however the graph holds it."""
+    shape = projection_weight(node).shape
+    return shape if weight_axis(node) == 1 else shape[::-1]
+
+
 def _fitting_count(all_four_bit: Path, model_path: Path, layers: list[str], config: CalibrationConfig) -> int:
     """How many of `layers`, in order, can take 8 bits with the model within --max-size."""
     size = all_four_bit.stat().st_size
-    if size > config.max_size_mb * 1e6:
+    if size > config.max_size_mb * 1e6:  # the floor checked at the start leaves out the graph's own bytes
         raise BadInputError(f"--max-size {config.max_size_mb:g} MB is below this model with every layer 4-bit "
                             f"({size / 1e6:.1f} MB); raise it, or build int4")
-    shapes = {node.name: weight_array(node).shape for node in linear_nodes(ir.load(str(model_path)).graph)}
+    shapes = {node.name: _layer_shape(node) for node in linear_nodes(ir.load(str(model_path)).graph)}
     count = 0
     for name in layers:
-        size += _eight_bit_extra_bytes(shapes[name], config)
+        size += _eight_bit_bytes(shapes[name]) - _four_bit_bytes(shapes[name], config)
         if size > config.max_size_mb * 1e6:
             break
         count += 1
     return count
 
 
-def _eight_bit_extra_bytes(shape: tuple[int, int], config: CalibrationConfig) -> int:
-    """What 8 bits cost a [in, out] layer over 4: int8 values and a float scale per output channel, against int4
-    values and a float scale (and a uint4 zero point, asymmetric) per block."""
+def _eight_bit_bytes(shape: tuple[int, int]) -> int:
+    """A [in, out] layer at 8 bits: int8 values and a float scale per output channel (the LM head's form)."""
+    rows, columns = shape
+    return rows * columns + 4 * columns
+
+
+def _four_bit_bytes(shape: tuple[int, int], config: CalibrationConfig) -> int:
+    """A [in, out] layer at 4 bits: int4 values and a float scale (and a uint4 zero point, asymmetric) per block."""
     rows, columns = shape
     blocks = -(-rows // config.int4_block) * columns
-    four_bit = rows * columns // 2 + 4 * blocks + (0 if config.int4_symmetric else blocks // 2)
-    return rows * columns + 4 * columns - four_bit
+    return rows * columns // 2 + 4 * blocks + (0 if config.int4_symmetric else blocks // 2)

@@ -2,6 +2,7 @@
 Llama whose plan is in the manifest and whose graph holds exactly that plan."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import onnx
@@ -9,7 +10,13 @@ import onnx_ir as ir
 import pytest
 from test_calibration import build_tiny_llama
 
-from calibration.calibrate import CalibrationConfig, _eight_bit_extra_bytes, _fewest_passing
+from calibration.calibrate import (
+    CalibrationConfig,
+    _all_four_bit_bytes,
+    _eight_bit_bytes,
+    _fewest_passing,
+    _four_bit_bytes,
+)
 from export.build import parse_args
 from export.graph.linear import linear_nodes, weight_array
 from runtime.errors import BadInputError
@@ -77,17 +84,21 @@ def test_a_mixed_build_at_a_tight_gate_gives_8_bits_to_layers_until_it_passes(ti
     # what --max-size predicts 8 bits cost is what the file grew by
     chosen = [name for name in metrics["eight_bit"] if name != "lm_head"]
     assert chosen
-    predicted = sum(_eight_bit_extra_bytes(shape, CalibrationConfig()) for shape in layer_shapes(tmp_path, chosen))
+    predicted = sum(_eight_bit_bytes(shape) - _four_bit_bytes(shape, CalibrationConfig())
+                    for shape in layer_shapes(tmp_path, chosen))
     grown = tried[len(chosen)]["model_bytes"] - tried[0]["model_bytes"]
     assert grown == pytest.approx(predicted, abs=300 * len(chosen))  # the graph's own bytes: names, nodes
     report = (tmp_path / "store" / "report.md").read_text()
     assert "8-bit layers (mixed" in report
 
 
+def exported_model(tmp_path) -> Path:
+    return next((tmp_path / "store").glob("export-*")) / "model.onnx"
+
+
 def layer_shapes(tmp_path, names):
     """The [in, out] weight shapes of these layers of the build's export."""
-    export = next((tmp_path / "store").glob("export-*"))
-    shapes = {n.name: weight_array(n).shape for n in linear_nodes(ir.load(str(export / "model.onnx")).graph)}
+    shapes = {n.name: weight_array(n).shape for n in linear_nodes(ir.load(str(exported_model(tmp_path))).graph)}
     return [shapes[name] for name in names]
 
 
@@ -98,6 +109,9 @@ def test_max_size_keeps_the_model_within_it_and_refuses_one_below_all_4_bit(tiny
                               "--allow-accuracy-loss")
     assert result.returncode == 0, result.stderr
     tried = {t["eight_bit"]: t["model_bytes"] for t in calibrated_manifest(tmp_path / "free")["metrics"]["tried"]}
+    # the size checked before any calibration is the all-4-bit model's but for the graph's own bytes
+    floor = _all_four_bit_bytes(exported_model(tmp_path / "free"), ["lm_head"], CalibrationConfig())
+    assert 0 < tried[0] - floor < 0.02 * tried[0], (tried[0], floor)
     budget = (tried[0] + tried[max(tried)]) / 2 / 1e6
     result = build_tiny_llama(tiny_model_factory, tmp_path / "sized", "mixed", "--max-size", f"{budget:.3f}",
                               "--allow-accuracy-loss")
@@ -109,3 +123,4 @@ def test_max_size_keeps_the_model_within_it_and_refuses_one_below_all_4_bit(tiny
     result = build_tiny_llama(tiny_model_factory, tmp_path / "small", "mixed", "--max-size", f"{tried[0] / 2e6:.3f}")
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "below this model with every layer 4-bit" in last_line
+    assert "[calibrate] int4" not in result.stdout + result.stderr  # refused before GPTQ
