@@ -28,12 +28,13 @@ from engines import fp16
 from engines import ort as ort_engine
 from engines import trt as trt_engine
 from engines.verify import Baseline, Reference, verify
-from export import distill, onnx_export, prune, report
+from export import distill, draft_choice, onnx_export, prune, report
 from export import teacher as teacher_text
 from export.graph.data import (
     TEACHER_DOMAIN,
     DataConfig,
     balanced_mix,
+    held_out_prompts,
     split_windows,
     stage_text,
     teacher_samples,
@@ -90,9 +91,10 @@ class BuildConfig:
     distill_data: str | None = None
     # The behaviour check's gate: the least share of probes an engine must answer as the unpruned model does.
     min_answer_agreement: float | None = ranged(None, "--min-answer-agreement", low=0, high=1)
-    # A draft for speculative decoding, built from the same export: pruning ratios (dropped layers, narrower
-    # MLPs) healed by `draft_steps` of distillation; its engine is recorded in every engine the build makes.
-    draft: tuple[tuple[str, float], ...] = ()
+    # Drafts for speculative decoding, built from the same export: each candidate's pruning ratios (dropped
+    # layers, narrower MLPs) healed by `draft_steps` of distillation. With several, the one that speeds up the first
+    # precision's engine most, measured, is chosen; every engine the build makes records it.
+    draft: tuple[tuple[tuple[str, float], ...], ...] = ()
     draft_steps: int = ranged(200, "--draft-steps", low=0)
 
     def __post_init__(self):
@@ -104,6 +106,13 @@ class BuildConfig:
         if self.backend not in BACKENDS:
             raise BadInputError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
         calibrate.check_precisions(self.calibration, self.precisions)
+        for candidate in self.draft:
+            if not candidate:
+                raise BadInputError("--draft needs pruning ratios: e.g. --draft layers=20 or --draft mlp=0.5")
+            for kind, value in candidate:
+                prune.check_ratio(kind, value)
+        if len(set(self.draft)) < len(self.draft):
+            raise BadInputError("--draft names the same candidate twice; give each draft once")
         if self.distillation.steps and not self.pruning.wanted():
             raise BadInputError("--distill-steps heals a pruned model: give a positive count together with --prune, "
                                 "--prune-budget or --prune-plan")
@@ -217,10 +226,11 @@ def build_parser() -> OneLineParser:
     pruning.add_argument("--distill-data", default=None,
                          help="your own text for distillation (.txt, folder of .txt, .jsonl with --calib-field): "
                               "mixed into its training windows; its held-out part is a domain the healing gate checks")
-    pruning.add_argument("--draft", default="",
+    pruning.add_argument("--draft", action="append", default=[],
                          help="also build a draft for speculative decoding from the same export, pruned by these "
                               "ratios (e.g. layers=20,mlp=0.25) and healed by --draft-steps of distillation; the "
-                              "engines record it, and `--speculative draft` uses it")
+                              "engines record it, and `--speculative draft` uses it. Repeat it to give candidates: "
+                              "the one that speeds up the engine most, measured, is chosen")
     pruning.add_argument("--draft-steps", type=flag_type(BuildConfig, "draft_steps"), default=BuildConfig.draft_steps,
                          help="distillation steps healing the draft against the unpruned model")
     pruning.add_argument("--teacher-prompts", type=flag_type(teacher_text.TeacherConfig, "prompts"),
@@ -295,7 +305,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
                        bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen,
                        teacher=teacher_text.TeacherConfig(prompts=args.teacher_prompts), distill_data=args.distill_data,
-                       min_answer_agreement=args.min_answer_agreement, draft=prune.parse_ratios(args.draft),
+                       min_answer_agreement=args.min_answer_agreement,
+                       draft=tuple(map(prune.parse_ratios, args.draft)),
                        draft_steps=args.draft_steps)
 
 
@@ -369,6 +380,7 @@ PRUNE = Stage(prune.STAGE, ("export.prune",))
 DISTILL = Stage(distill.STAGE, ("export.distill", "export.models", "export.graph.data"))
 CALIBRATE = Stage(calibrate.STAGE, ("calibration.calibrate",))
 FP16 = Stage(fp16.STAGE, ("engines.fp16", "engines.verify"))
+DRAFT_CHOICE = Stage(draft_choice.STAGE, ("export.draft_choice",))
 ENGINES = {"ort": Stage(ort_engine.STAGE, ("engines.ort", "engines.verify")),
            "trt": Stage(trt_engine.STAGE, ("engines.trt", "engines.verify"))}
 # Settings that change how fast a stage runs, never what it writes: recorded, but left out of every id alike.
@@ -591,11 +603,12 @@ def build(config: BuildConfig) -> list[StageResult]:
     answered = run_teacher(config, export.artifact)
     results += [answered] if answered else []
     teacher = TeacherText(answered.artifact if answered else None)
-    draft = None
-    if config.draft:
-        draft_results = build_draft(config, export.artifact, teacher, backend)
+    candidates = {}
+    for ratios in config.draft:
+        draft_results = build_draft(config, ratios, export.artifact, teacher, backend)
         results += draft_results
-        draft = draft_results[-1].artifact
+        candidates[prune.format_ratios(ratios)] = draft_results[-1].artifact
+    draft = next(iter(candidates.values())) if len(candidates) == 1 else None
     float_graph = export
     if config.pruning.wanted():
         float_graph = run_prune(config, export.artifact, teacher)
@@ -604,9 +617,40 @@ def build(config: BuildConfig) -> list[StageResult]:
             float_graph = run_distill(config, float_graph.artifact, teacher)
             results.append(float_graph)
     baseline = baseline_of(float_graph.artifact, export.artifact, config, teacher)
+    if len(candidates) > 1:
+        choice = choose_draft(config, float_graph.artifact, candidates, baseline, backend, teacher)
+        results.append(choice)
+        draft = next(d for d in candidates.values() if d.id == choice.artifact.metrics["chosen"])
     for precision in config.precisions:
         results += run_precision(config, float_graph.artifact, precision, baseline, backend, teacher, draft)
     return results
+
+
+def choose_draft(config: BuildConfig, float_graph: artifacts.Artifact, candidates: dict[str, artifacts.Artifact],
+                 baseline: Callable[[], Baseline], backend: str, teacher: TeacherText) -> StageResult:
+    """The draft-choice stage: each candidate's speed-up measured on the first precision's engine as a build
+    without --draft makes it (the paired engines differ from it only in naming their draft)."""
+    target = run_precision(config, float_graph, config.precisions[0], baseline, backend, teacher)[-1].artifact
+    settings = draft_choice.DraftChoiceConfig(threads=config.engine.threads)
+    prompts = draft_choice_prompts(config, float_graph, teacher)
+    return run_stage(config.out, DRAFT_CHOICE, target.id, draft_choice.stage_config(settings, candidates),
+                     lambda writer: draft_choice.run(target, candidates, prompts, writer, settings,
+                                                     progress=progress))
+
+
+def draft_choice_prompts(config: BuildConfig, float_graph: artifacts.Artifact, teacher: TeacherText) -> list[str]:
+    """Prompts no stage fitted on: the teacher's held-out prompts, or, for a model without a teacher, the
+    beginnings of held-out calibration windows."""
+    from runtime.text import load_codec
+
+    if teacher.generations:
+        return held_out_prompts(teacher.generations)
+    codec = load_codec(float_graph)
+    return [codec.decode(window[:DRAFT_PROMPT_TOKENS].tolist())
+            for window in verification_windows(float_graph, config.calibration.data)]
+
+
+DRAFT_PROMPT_TOKENS = 48  # a held-out window's beginning, as a prompt the draft choice continues
 
 
 def run_precision(config: BuildConfig, float_graph: artifacts.Artifact, precision: str,
@@ -625,13 +669,13 @@ def run_precision(config: BuildConfig, float_graph: artifacts.Artifact, precisio
     return results + [run_engine(config, parent, baseline, backend, teacher, draft)]
 
 
-def build_draft(config: BuildConfig, export: artifacts.Artifact, teacher: TeacherText, backend: str
-                ) -> list[StageResult]:
-    """The draft's stages: the export pruned by `config.draft`, healed by distillation against the unpruned model
-    (no budget: a draft is judged by the speed-up it gives, not its perplexity), in the build's first precision.
-    Its engine is verified against its own float graph, without the behaviour gate."""
-    progress(f"[draft] pruning {dict(config.draft)} for a speculative-decoding draft")
-    settings = replace(config, pruning=prune.PruneConfig(ratios=config.draft, multiple=config.pruning.multiple,
+def build_draft(config: BuildConfig, ratios: tuple[tuple[str, float], ...], export: artifacts.Artifact,
+                teacher: TeacherText, backend: str) -> list[StageResult]:
+    """A draft's stages: the export pruned by `ratios`, healed by distillation against the unpruned model (no
+    budget: a draft is judged by the speed-up it gives, not its perplexity), in the build's first precision. Its
+    engine is verified against its own float graph, without the behaviour gate."""
+    progress(f"[draft] pruning {prune.format_ratios(ratios)} for a speculative-decoding draft")
+    settings = replace(config, pruning=prune.PruneConfig(ratios=ratios, multiple=config.pruning.multiple,
                                                          threads=config.pruning.threads, data=config.pruning.data),
                        distillation=replace(config.distillation, steps=config.draft_steps, max_increase=None),
                        min_answer_agreement=None)

@@ -116,6 +116,11 @@ def parse_ratios(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(ratios)
 
 
+def format_ratios(ratios: tuple[tuple[str, float], ...]) -> str:
+    """(('layers', 20.0), ('mlp', 0.25)) -> 'layers=20,mlp=0.25': parse_ratios' input."""
+    return ",".join(f"{kind}={value:g}" for kind, value in ratios)
+
+
 def check_ratio(kind: str, value: float) -> None:
     if kind not in KINDS:
         raise BadInputError(f"--prune {kind}={value:g}: write kind=value with kind one of {', '.join(KINDS)} "

@@ -64,6 +64,7 @@ def engine_entry(engine: artifacts.Artifact, by_id: dict[str, artifacts.Artifact
         "eight_bit": calibrated.metrics.get("eight_bit") if calibrated else None,
         "pruning_plan": pruned.metrics.get("plan") if pruned else None,
         "fusion": engine.metrics.get("fusion", {}).get("attention"),
+        "draft": engine.manifest.get("config", {}).get("draft"),  # the draft engine paired with it
     }
 
 
@@ -89,6 +90,7 @@ def build_report(results, model: str, latency: dict, wall_seconds: float) -> dic
                     "peak_rss_mb": r.artifact.metrics.get("peak_rss_mb"),
                     "accuracy": r.artifact.metrics.get("accuracy", [])} for r in results],
         "engines": [engine_entry(e, by_id, latency) for e in engines],
+        "draft_choice": next((r.artifact.metrics for r in results if r.stage == "draftchoice"), None),
         "versions": engines[0].manifest.get("versions", {}) if engines else {},
     }
 
@@ -125,6 +127,12 @@ def markdown(report: dict, plots: list[str], plot_note: str | None) -> str:
             plan = e["pruning_plan"]
             lines += ["", f"Pruning plan ({e['precision']}): dropped layers {plan['dropped_layers']}, MLP pruned in "
                       f"{len(plan['mlp_channels'])} layers, KV groups pruned in {len(plan['kv_groups'])} layers"]
+    choice = report.get("draft_choice")
+    if choice:
+        trials = ", ".join(f"{t['ratios']} {t['speedup']:.2f}x" + (" (chosen)" * (t["draft"] == choice["chosen"]))
+                           for t in choice["trials"])
+        lines += ["", f"Draft candidates, decode speed-up with each against none "
+                  f"({choice['plain_ms_per_token']:.2f} ms per token): {trials}"]
     lines += ["", "## Plots", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots] or [plot_note or "none"]
     return "\n".join(lines) + "\n"

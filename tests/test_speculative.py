@@ -2,6 +2,7 @@
 rejection rule's distribution, the proposers, the Governor, and the report's new figures."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -380,3 +381,50 @@ def test_a_build_with_a_draft_pairs_it_with_its_engine_and_the_runtime_finds_it(
     speculator.close()
     assert speculated.tokens == plain.tokens
     assert speculated.report.speculative == "draft" and speculated.report.drafted_tokens > 0
+
+
+def test_a_build_with_several_drafts_pairs_the_one_measured_fastest(tiny_model_factory, tmp_path):
+    """`--draft layers=1 --draft mlp=0.5`: both candidates are built, the draft-choice stage measures each one's
+    speed-up on the engine a build without --draft makes, and every engine names the fastest."""
+    from export import report
+    from export.build import build, parse_args
+
+    model = str(tiny_model_factory("llama"))
+    results = build(parse_args(["--model", model, "--out", str(tmp_path), "--draft", "layers=1", "--draft", "mlp=0.5",
+                                "--draft-steps", "2", "--bench-runs", "0", "--threads", "1", "--teacher-prompts", "0"]))
+    choice = next(r.artifact for r in results if r.stage == "draftchoice")
+    trials = choice.metrics["trials"]
+    assert [t["ratios"] for t in trials] == ["layers=1", "mlp=0.5"]
+    assert all(t["ms_per_token"] > 0 and t["speedup"] > 0 for t in trials)
+    fastest = max(trials, key=lambda t: t["speedup"])
+    assert choice.metrics["chosen"] == fastest["draft"]
+    *drafts, target = [r.artifact for r in results if r.stage == "engine"]
+    assert {t["draft"] for t in trials} == {d.id for d in drafts}
+    assert target.manifest["config"]["draft"] == fastest["draft"]
+    measured_on = (tmp_path / f"engine-{choice.manifest['parent']}")  # the unpaired engine, kept in the store
+    unpaired = json.loads((measured_on / "manifest.json").read_text())
+    assert "draft" not in unpaired["config"] and unpaired["parent"] == target.manifest["parent"]
+    built = report.build_report(results, model, {}, 0.0)
+    assert built["engines"][-1]["draft"] == fastest["draft"]
+    assert f"{fastest['ratios']} {fastest['speedup']:.2f}x (chosen)" in report.markdown(built, [], None)
+
+
+@pytest.mark.parametrize("flags, problem", [(["--draft", "mlp=1.5"], "a ratio must be in [0, 1)"),
+                                            (["--draft", "layers=1", "--draft", "layers=1"], "same candidate twice"),
+                                            (["--draft", ","], "--draft needs pruning ratios")])
+def test_bad_draft_candidates_are_refused_before_the_export(flags, problem, tmp_path):
+    from export.build import parse_args
+
+    with pytest.raises(BadInputError, match=re.escape(problem)):
+        parse_args(["--out", str(tmp_path), *flags])
+
+
+def test_the_draft_choice_prompts_are_the_teachers_held_out_ones():
+    from export.graph.data import held_out_prompts, split_documents, teacher_documents
+
+    generations = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
+    held_out = held_out_prompts(generations)
+    codec = SimpleNamespace(render_chat=lambda turns, add_generation_prompt: " ".join(t["content"] for t in turns))
+    evaluated = split_documents(teacher_documents(generations, codec)).evaluation
+    assert held_out and len(held_out) < len(generations)
+    assert sorted(held_out) == sorted(text.split(" answer")[0] for text in evaluated)

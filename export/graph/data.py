@@ -228,6 +228,12 @@ def teacher_documents(generations: list[dict[str, str]], codec) -> dict[str, str
             for g in generations}
 
 
+def held_out_prompts(generations: list[dict[str, str]]) -> list[str]:
+    """The prompts whose answers are held out (teacher_documents' split): no stage fitted on them."""
+    split = split_documents({f"teacher:{g['prompt']}": g["prompt"] for g in generations})
+    return split.evaluation
+
+
 def teacher_samples(generations: list[dict[str, str]], config: DataConfig, codec, eos_ids: list[int]) -> SampleSet:
     """The teacher's answers as windows: as many as the text gives, up to the counts asked for (teacher text is
     short by design, so fewer is not an error; none is)."""
