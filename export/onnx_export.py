@@ -173,6 +173,7 @@ def model_facts(model, tokenizer) -> dict[str, Any]:
         "max_context": context_limit(config),
         "sliding_window": sliding_window(config),
         "rope": rotary_facts(model),
+        "attention_scale": attention_scale(model),
         "tokenizer": tokenizer is not None,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
@@ -184,14 +185,42 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 def rotary_facts(model) -> dict[str, Any] | None:
     """The rotary embedding's inverse frequencies and scaling, so engines can build the cos/sin tables without
-    torch; None when the model has no rotary embedding or its tables change with the sequence length."""
+    torch; None when the model has no rotary embedding or its tables change with the sequence length. A model
+    whose layer types rotate differently (Gemma 3: local and global layers) also gets `layer_tables`: per
+    layer, the index of its entry in `tables`."""
     for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if inv_freq is not None and hasattr(module, "attention_scaling"):
-            if getattr(module, "rope_type", "default") not in STATIC_ROPE_TYPES:
-                return None
-            return {"inv_freq": inv_freq.float().tolist(), "attention_scaling": float(module.attention_scaling),
-                    "rope_type": getattr(module, "rope_type", "default")}
+        if getattr(module, "inv_freq", None) is not None and hasattr(module, "attention_scaling"):
+            table = _rotary_table(module.inv_freq, module.attention_scaling, getattr(module, "rope_type", "default"))
+            return table and {**table, "tables": [table], "layer_tables": None}
+        by_type = getattr(module, "rope_type", None)
+        if isinstance(by_type, dict) and by_type and hasattr(module, "layer_types"):
+            return _per_layer_type_rotary(module, model.config.get_text_config())
+    return None
+
+
+def _rotary_table(inv_freq, scaling, rope_type: str) -> dict[str, Any] | None:
+    if rope_type not in STATIC_ROPE_TYPES:
+        return None
+    return {"inv_freq": inv_freq.float().tolist(), "attention_scaling": float(scaling), "rope_type": rope_type}
+
+
+def _per_layer_type_rotary(module, config) -> dict[str, Any] | None:
+    """A rotary module holding `<type>_inv_freq` per layer type (transformers' Gemma 3)."""
+    kinds = sorted(module.rope_type)
+    tables = [_rotary_table(getattr(module, f"{kind}_inv_freq"), getattr(module, f"{kind}_attention_scaling"),
+                            module.rope_type[kind]) for kind in kinds]
+    layer_types = getattr(config, "layer_types", None)
+    if None in tables or not layer_types or any(kind not in kinds for kind in layer_types):
+        return None
+    return {**tables[0], "tables": tables, "layer_tables": [kinds.index(kind) for kind in layer_types]}
+
+
+def attention_scale(model) -> float | None:
+    """The factor attention scores are multiplied by (1/sqrt(head_dim) in most families; Gemma 3's comes from
+    query_pre_attn_scalar), read from the first attention module that records it."""
+    for module in model.modules():
+        if hasattr(module, "q_proj") and isinstance(getattr(module, "scaling", None), float):
+            return module.scaling
     return None
 
 

@@ -43,8 +43,10 @@ def left_padded_run(artifact, prompts, steps=3):
     return logits, mask
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_fused_attention_keeps_the_contract_and_the_numbers(export_factory, tmp_path, arch):
+    """Qwen3 and Gemma 3 normalize each q/k head before the rotation; Gemma 3 also scales scores by its own
+    factor and rotates local and global layers with different tables."""
     export = export_factory(arch)
     engine = build_engine(export, tmp_path)
     fusion = engine.metrics["fusion"]
@@ -52,8 +54,10 @@ def test_fused_attention_keeps_the_contract_and_the_numbers(export_factory, tmp_
     ops = fusion["op_types_after"]
     assert ops["GroupQueryAttention"] == export.model_facts["layers"] and "Softmax" not in ops
     assert "RotaryEmbedding" not in ops  # applied inside GroupQueryAttention
-    # q, k and v packed into one MatMul per layer: 4 attention + 3 MLP linear layers become 5, plus the head
-    assert ops["MatMul"] == 5 * export.model_facts["layers"] + 1
+    # q, k and v packed into one MatMul per layer (4 attention + 3 MLP linear layers become 5, plus the head),
+    # except where q and k are normalized between projection and attention
+    per_layer = 7 if arch in ("qwen3", "gemma3_text") else 5
+    assert ops["MatMul"] == per_layer * export.model_facts["layers"] + 1
     assert fusion["ops_after"] < fusion["ops_before"] / 2
     prompts = [[5, 9, 17, 33, 60, 7, 8, 12], [40, 41, 42]]  # the second row is left-padded
     expected, mask = left_padded_run(export, prompts)

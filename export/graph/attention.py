@@ -33,10 +33,13 @@ from runtime.errors import BadInputError
 from runtime.session import CACHE_LENGTHS
 
 CONTRIB = "com.microsoft"
-# Families whose attention is exactly q/k/v projections, rotate-half RoPE on q and k, and causal softmax
-# attention with grouped KV heads. Qwen3 adds per-head q/k norms, Phi-3 and GPT-2 fuse q/k/v into one
-# projection, GPT-NeoX rotates part of each head: those keep the exported attention.
-FUSABLE_FAMILIES = ("llama", "mistral", "qwen2")
+# Families whose attention is q/k/v projections, rotate-half RoPE on q and k, and causal softmax attention with
+# grouped KV heads. Phi-3 and GPT-2 fuse q/k/v into one projection, GPT-NeoX rotates part of each head: those
+# keep the exported attention.
+FUSABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Those that normalize each query and key head before the rotation: GroupQueryAttention takes the normalized
+# heads, so their projections cannot be packed.
+QK_NORM_FAMILIES = ("qwen3", "gemma3_text")
 ATTENTION = "self_attn."  # the projections are `<layer prefix>self_attn.{q,k,v,o}_proj`
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -47,9 +50,11 @@ class AttentionFacts:
     kv_heads: int
     head_dim: int
     max_context: int
-    inv_freq: tuple[float, ...]
-    attention_scaling: float
+    rope_tables: tuple[tuple[tuple[float, ...], float], ...]  # (inverse frequencies, scaling) per rotary table
+    layer_tables: tuple[int, ...] = ()  # per layer, its rotary table; () when there is one
     layer_kv_heads: tuple[int, ...] = ()  # per layer, after structured pruning removed KV groups
+    scale: float | None = None  # the attention scores' factor; None: 1/sqrt(head_dim)
+    qk_norm: bool = False
 
     def heads_of(self, layer: int) -> tuple[int, int]:
         """(query heads, KV heads) of one layer; pruning removes whole KV groups with their query heads."""
@@ -64,17 +69,24 @@ class AttentionFacts:
         rope = facts.get("rope")
         if not rope:
             return None, "the export recorded no static rotary embedding (re-export, or dynamic RoPE scaling)"
-        if facts.get("sliding_window"):
+        window = facts.get("sliding_window")
+        if window and window < facts["max_context"]:  # Gemma 3's export caps the context at its window
             return None, "sliding-window attention is kept as exported"
+        tables = rope.get("tables") or [rope]  # exports before per-layer tables had one
         return cls(facts["attention_heads"], facts["kv_heads"], facts["head_dim"], facts["max_context"],
-                   tuple(rope["inv_freq"]), float(rope["attention_scaling"]),
-                   tuple(facts.get("layer_kv_heads") or ())), "fused"
+                   tuple((tuple(t["inv_freq"]), float(t["attention_scaling"])) for t in tables),
+                   tuple(rope.get("layer_tables") or ()), tuple(facts.get("layer_kv_heads") or ()),
+                   facts.get("attention_scale"), facts["model_type"] in QK_NORM_FAMILIES), "fused"
 
-    def rotary_tables(self) -> tuple[np.ndarray, np.ndarray]:
+    def table_of(self, layer: int) -> int:
+        """The rotary table of a decoder layer (by its index in the unpruned model)."""
+        return self.layer_tables[layer] if self.layer_tables else 0
+
+    def rotary_tables(self, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin caches [max_context, head_dim / 2], the way transformers computes them, in float64 first."""
-        angles = np.outer(np.arange(self.max_context, dtype=np.float64), np.asarray(self.inv_freq, np.float64))
-        return ((np.cos(angles) * self.attention_scaling).astype(np.float32),
-                (np.sin(angles) * self.attention_scaling).astype(np.float32))
+        inv_freq, scaling = self.rope_tables[table]
+        angles = np.outer(np.arange(self.max_context, dtype=np.float64), np.asarray(inv_freq, np.float64))
+        return ((np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32))
 
 
 @dataclass
@@ -117,14 +129,21 @@ class FuseAttentionPass(ir.passes.InPlacePass):
     def _fuse(self, graph: ir.Graph, layer: _Layer, i: int, shared: _SharedInputs) -> None:
         heads, kv_heads = self.facts.heads_of(i)
         past_key, past_value = shared.input(f"past_key_values.{i}.key"), shared.input(f"past_key_values.{i}.value")
-        packed = _pack_projections(graph, layer)
-        query, key, value = (packed, None, None) if packed is not None else layer.outputs
+        if self.facts.qk_norm:
+            query, key, value = (*(shared.heads_joined(_before_rotation(v)) for v in layer.outputs[:2]),
+                                 layer.outputs[2])
+        else:
+            packed = _pack_projections(graph, layer)
+            query, key, value = (packed, None, None) if packed is not None else layer.outputs
+        cos, sin = shared.rotary(self.facts.table_of(layer.index))
+        attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
+        if self.facts.scale is not None:
+            attributes["scale"] = self.facts.scale
         attention = shared.add(ir.node(
             "GroupQueryAttention",
-            [query, key, value, past_key, past_value, shared.seqlens, shared.total_length,
-             shared.cos, shared.sin, None, shared.bias],
-            domain=CONTRIB, num_outputs=3, name=f"layers.{layer.index}.attention",
-            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}))
+            [query, key, value, past_key, past_value, shared.seqlens, shared.total_length, cos, sin, None,
+             shared.bias],
+            domain=CONTRIB, num_outputs=3, name=f"layers.{layer.index}.attention", attributes=attributes))
         output, present_key, present_value = attention.outputs
         output.shape, output.type = layer.attention_output.shape, layer.attention_output.type
         ir.convenience.replace_all_uses_with(layer.attention_output, output)
@@ -145,6 +164,20 @@ def find_attention_layers(graph: ir.Graph) -> list[_Layer]:
         q, k, v, o = (layer.nodes[ATTENTION + p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
         layers.append(_Layer(layer.index, layer.prefix + ATTENTION, (q, k, v), _before_qdq(o.inputs[0])))
     return layers
+
+
+def _before_rotation(projected: ir.Value, depth: int = 24) -> ir.Value:
+    """The heads the rotary embedding reads ([batch, heads, sequence, head_dim], rotate-half slices them), found
+    downstream of a projection's output: past the reshape and transpose, and past a per-head norm where the
+    family has one."""
+    frontier = [projected]
+    for _ in range(depth):
+        for value in frontier:
+            if any(use.node.op_type == "Slice" for use in value.uses()):
+                return value
+        frontier = [out for value in frontier for use in value.uses() for out in use.node.outputs]
+    raise BadInputError(f"no rotary embedding follows {projected.name}; the graph is not a plain exported attention "
+                        "(re-export with `python -m export.build`, or build with --no-fuse-attention)")
 
 
 def _projection_output(node: ir.Node) -> ir.Value:
@@ -252,9 +285,7 @@ class _SharedInputs:
 
     def __init__(self, graph: ir.Graph, facts: AttentionFacts, dtype: np.dtype):
         self.graph, self.dtype = graph, np.dtype(dtype)  # the attention's own type: float32, or float16
-        cos, sin = facts.rotary_tables()
-        self.cos = add_initializer(self.graph, "rotary.cos_cache", cos.astype(self.dtype))
-        self.sin = add_initializer(self.graph, "rotary.sin_cache", sin.astype(self.dtype))
+        self.facts, self.tables = facts, {}
         mask, ids = self.input("attention_mask"), self.input("input_ids")
         total = self.add(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}))  # int64 [1]
         batch = self.add(ir.node("Shape", [ids], attributes={"start": 0, "end": 1}))
@@ -278,6 +309,22 @@ class _SharedInputs:
         last = self.add(ir.node("Where", [fed, per_row, shared]))
         last = self.add(ir.node("Expand", [last, batch]))
         return self.add(ir.node("Cast", [last], attributes={"to": ir.DataType.INT32}))
+
+    def rotary(self, table: int) -> tuple[ir.Value, ir.Value]:
+        """The cos/sin caches of one rotary table, added to the graph the first time a layer reads them."""
+        if table not in self.tables:
+            suffix = f".{table}" if table else ""
+            cos, sin = self.facts.rotary_tables(table)
+            self.tables[table] = (add_initializer(self.graph, f"rotary.cos_cache{suffix}", cos.astype(self.dtype)),
+                                  add_initializer(self.graph, f"rotary.sin_cache{suffix}", sin.astype(self.dtype)))
+        return self.tables[table]
+
+    def heads_joined(self, heads: ir.Value) -> ir.Value:
+        """[batch, heads, sequence, head_dim] -> [batch, sequence, heads * head_dim], GroupQueryAttention's q/k."""
+        if "attention.join_heads" not in self.graph.initializers:
+            add_initializer(self.graph, "attention.join_heads", np.array([0, 0, -1], np.int64))
+        moved = self.add(ir.node("Transpose", [heads], attributes={"perm": [0, 2, 1, 3]}))
+        return self.add(ir.node("Reshape", [moved, self.graph.initializers["attention.join_heads"]]))
 
     def input(self, name: str) -> ir.Value:
         for value in self.graph.inputs:
