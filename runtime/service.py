@@ -398,7 +398,7 @@ class _Continuous:
         config = job.config
         slot.job, slot.sampler, slot.length = job, Sampler(config), 0
         speculator = self.service.speculator
-        slot.speculation = (_Speculation(speculator.proposer(), Governor(speculator.config),
+        slot.speculation = (_Speculation(speculator.proposer(), speculator.governor(),
                                          TokenPicker(config.temperature, config.top_k, config.top_p, config.seed))
                             if speculator is not None and job.speculative else None)
         slot.stop = self.eos if config.stop_token_ids is None else frozenset(config.stop_token_ids)
@@ -423,6 +423,8 @@ class _Continuous:
                 self._free(slot)
 
     def _free(self, slot: _Slot) -> None:
+        if slot.speculation is not None:
+            self.service.speculator.remember(slot.speculation.governor)
         slot.job, slot.sampler, slot.pending, slot.length, slot.speculation = None, None, [], 0, None
 
     # -- steps ----------------------------------------------------------------------------------------------

@@ -238,6 +238,16 @@ class DraftProposer:
 
 # -- when to speculate, and how far -----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Payoff:
+    """What a Governor learned about whether speculation pays, carried from one request to the next: the plain
+    step time, the pause still to run and the next pause's length."""
+
+    plain_ms: float
+    pause_left: int
+    next_pause: int
+
+
 class Governor:
     """Decides each step's draft length (0: decode plainly).
 
@@ -246,16 +256,19 @@ class Governor:
     Payoff: every `judge_after_rounds` speculative rounds, their time per emitted token is compared with the
     measured time of a plain decode step; where speculation costs more, it pauses for `pause_steps` plain
     steps, twice as long each time it still does not pay. The first `probe_steps` steps are plain, to measure
-    that time."""
+    that time. Given the last request's `Payoff`, it starts from it instead: no probe, and a pause still running
+    goes on, so a draft that does not pay is not tried afresh (and its prompt not prefilled) on every request."""
 
     SMOOTHING = 0.25  # weight of the newest plain step in the running mean of plain step times
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, carried: Payoff | None = None):
         self.config = config
         self.draft = config.initial_draft
         self.plain_ms: float | None = None
         self.pause_left = config.probe_steps
         self.next_pause = config.pause_steps
+        if carried is not None:
+            self.plain_ms, self.pause_left, self.next_pause = carried.plain_ms, carried.pause_left, carried.next_pause
         self.pauses = 0
         self._window_ms = 0.0
         self._window_tokens = 0
@@ -280,6 +293,10 @@ class Governor:
         self._window_rounds += 1
         if self._window_rounds >= config.judge_after_rounds:
             self._judge()
+
+    def payoff(self) -> Payoff | None:
+        """What the next request's Governor starts from (None before a plain step was measured)."""
+        return None if self.plain_ms is None else Payoff(self.plain_ms, self.pause_left, self.next_pause)
 
     def _judge(self) -> None:
         if self.plain_ms is None:  # no plain step measured yet (probe_steps 0): nothing to compare with
@@ -309,6 +326,15 @@ class Speculator:
 
     config: SpeculativeConfig
     draft: object | None = None
+    # The last finished request's payoff (Governor.payoff): requests come one after another through one
+    # Speculator (generate's loop, or the service's one slot that speculates while it runs alone).
+    carried: Payoff | None = None
+
+    def governor(self) -> Governor:
+        return Governor(self.config, self.carried)
+
+    def remember(self, governor: Governor) -> None:
+        self.carried = governor.payoff() or self.carried
 
     def close(self) -> None:
         if self.draft is not None:
@@ -333,7 +359,7 @@ def speculative_decode(session, prompt: list[int], first: int, picker: TokenPick
     """Decode after a prefill whose sampled token is `first` (already emitted), until a stop token or
     `max_new_tokens` tokens in all. `emit(token) -> bool` takes each new token and says whether to stop."""
     proposer = speculator.proposer()
-    governor = Governor(speculator.config)
+    governor = speculator.governor()
     context = [*prompt, first]
     proposer.start(context)
     stats = SpeculationStats()
@@ -365,6 +391,7 @@ def speculative_decode(session, prompt: list[int], first: int, picker: TokenPick
         else:
             governor.record_plain(ms)
         stats.step_ms += [ms / emitted] * emitted  # time per output token, as the plain loop reports it
+    speculator.remember(governor)
     return stats
 
 

@@ -20,6 +20,7 @@ from runtime.speculative import (
     DraftProposer,
     Governor,
     NgramProposer,
+    Payoff,
     SpeculativeConfig,
     Speculator,
     TokenPicker,
@@ -213,6 +214,27 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     context += [4]
     assert proposer.propose(context, 2, picker) == [9, 2]  # "2 3 4" only at the start
     assert proposer.propose(context + [42], 4, picker) == []  # "4 42" never seen
+
+
+def test_the_next_request_starts_from_the_last_ones_payoff():
+    """A draft that did not pay is not tried afresh on the next request: the pause goes on, no probe steps."""
+    config = SpeculativeConfig(initial_draft=4, judge_after_rounds=1, probe_steps=2, pause_steps=3)
+    speculator = Speculator(config)
+    first = speculator.governor()
+    assert first.draft_length(100) == 0  # probing
+    first.record_plain(10.0)
+    first.record_plain(10.0)
+    first.record_round(drafted=4, accepted=0, ms=30.0)  # 30 ms for one token against 10 plain: pause 3
+    first.record_plain(10.0)
+    speculator.remember(first)
+    second = speculator.governor()
+    assert (second.pause_left, second.next_pause, second.plain_ms) == (2, 6, 10.0)
+    second.record_plain(10.0)
+    second.record_plain(10.0)
+    assert second.draft_length(100) == 4  # paused no longer: it tries again, and the next pause is longer
+    carried = speculator.carried
+    speculator.remember(Governor(config))  # a request that never measured a plain step changes nothing
+    assert speculator.carried == carried == Payoff(10.0, 2, 6)
 
 
 def test_governor_sizes_drafts_by_acceptance_and_pauses_when_speculation_does_not_pay():
