@@ -121,7 +121,7 @@ def engine_traffic(art) -> dict[str, int]:
     files = art.manifest.get("files", {})
     weights = sum(entry["size"] for name, entry in files.items() if name.endswith(MODEL_FILE_ENDINGS))
     facts = art.model_facts
-    if str(art.manifest.get("precision") or "").startswith("int") and facts.get("hidden_size"):
+    if art.manifest.get("precision") not in (None, "fp32", "fp16") and facts.get("hidden_size"):
         # The quantizers give the LM head an int copy of its own: the float table serves only the Gather.
         weights -= facts["vocab_size"] * facts["hidden_size"] * FLOAT_TABLE_BYTES
     heads = facts.get("layer_kv_heads") or [facts.get("kv_heads", 0)] * facts.get("layers", 0)

@@ -276,12 +276,13 @@ def test_report_gives_acceptance_bytes_per_step_and_bandwidth(engine):
     assert traffic["kv_bytes_per_position"] == 2 * 2 * 2 * 16 * 4
 
 
-def test_an_int8_engine_does_not_count_the_embedding_table_it_only_gathers(engine):
-    int8 = SimpleNamespace(manifest=dict(engine.manifest, precision="int8"), model_facts=engine.model_facts,
-                           io=engine.io)
+@pytest.mark.parametrize("precision", ["int8", "int8-weight-only", "int4", "mixed"])
+def test_a_quantized_engine_does_not_count_the_embedding_table_it_only_gathers(engine, precision):
+    quantized = SimpleNamespace(manifest=dict(engine.manifest, precision=precision), model_facts=engine.model_facts,
+                                io=engine.io)
     facts = engine.model_facts
     table = facts["vocab_size"] * facts["hidden_size"] * 4
-    assert engine_traffic(int8)["weight_bytes"] == engine_traffic(engine)["weight_bytes"] - table
+    assert engine_traffic(quantized)["weight_bytes"] == engine_traffic(engine)["weight_bytes"] - table
 
 
 def test_a_draft_must_share_the_vocabulary_and_tokenizer(engine):
