@@ -184,14 +184,14 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rotary_facts(model) -> dict[str, Any] | None:
-    """The rotary embedding's inverse frequencies and scaling, so engines can build the cos/sin tables without
-    torch; None when the model has no rotary embedding or its tables change with the sequence length. A model
-    whose layer types rotate differently (Gemma 3: local and global layers) also gets `layer_tables`: per
-    layer, the index of its entry in `tables`."""
+    """The rotary embedding's inverse frequencies and scaling (`tables`), so engines can build the cos/sin tables
+    without torch; None when the model has no rotary embedding or its tables change with the sequence length. A
+    model whose layer types rotate differently (Gemma 3: local and global layers) has a table per type and
+    `layer_tables`: per layer, the index of its table."""
     for module in model.modules():
         if getattr(module, "inv_freq", None) is not None and hasattr(module, "attention_scaling"):
             table = _rotary_table(module.inv_freq, module.attention_scaling, getattr(module, "rope_type", "default"))
-            return table and {**table, "tables": [table], "layer_tables": None}
+            return table and {"tables": [table], "layer_tables": None}
         by_type = getattr(module, "rope_type", None)
         if isinstance(by_type, dict) and by_type and hasattr(module, "layer_types"):
             return _per_layer_type_rotary(module, model.config.get_text_config())
@@ -212,7 +212,7 @@ def _per_layer_type_rotary(module, config) -> dict[str, Any] | None:
     layer_types = getattr(config, "layer_types", None)
     if None in tables or not layer_types or any(kind not in kinds for kind in layer_types):
         return None
-    return {**tables[0], "tables": tables, "layer_tables": [kinds.index(kind) for kind in layer_types]}
+    return {"tables": tables, "layer_tables": [kinds.index(kind) for kind in layer_types]}
 
 
 def attention_scale(model) -> float | None:

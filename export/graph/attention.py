@@ -72,9 +72,8 @@ class AttentionFacts:
         window = facts.get("sliding_window")
         if window and window < facts["max_context"]:  # Gemma 3's export caps the context at its window
             return None, "sliding-window attention is kept as exported"
-        tables = rope.get("tables") or [rope]  # exports before per-layer tables had one
         return cls(facts["attention_heads"], facts["kv_heads"], facts["head_dim"], facts["max_context"],
-                   tuple((tuple(t["inv_freq"]), float(t["attention_scaling"])) for t in tables),
+                   tuple((tuple(t["inv_freq"]), float(t["attention_scaling"])) for t in rope["tables"]),
                    tuple(rope.get("layer_tables") or ()), tuple(facts.get("layer_kv_heads") or ()),
                    facts.get("attention_scale"), facts["model_type"] in QK_NORM_FAMILIES), "fused"
 
