@@ -135,6 +135,8 @@ class OrtSession:
             api.SetIntraOpNumThreads(session_options, options.threads)
             api.SetInterOpNumThreads(session_options, 1)
             api.SetSessionGraphOptimizationLevel(session_options, ORT_ENABLE_ALL)
+            if options.profile:
+                api.EnableProfiling(session_options, str(options.profile).encode())
             if options.provider == "cuda":
                 cuda = CudaProviderOptions.defaults()
                 api.SessionOptionsAppendExecutionProvider_CUDA(session_options, ctypes.byref(cuda))
@@ -150,6 +152,16 @@ class OrtSession:
             names.append(ctypes.string_at(pointer).decode())
             api.AllocatorFree(self._allocator, pointer)
         return names
+
+    def end_profiling(self) -> str:
+        """Stop the profiler that `SessionOptions.profile` started; returns the path of its JSON trace."""
+        self._check_open()
+        if not self.options.profile:
+            raise BadInputError("this session was opened without SessionOptions(profile=...); nothing to end")
+        pointer = self._api.out("SessionEndProfiling", self._session, self._allocator)
+        path = ctypes.string_at(pointer).decode()
+        self._api.AllocatorFree(self._allocator, pointer)
+        return path
 
     # -- the Session protocol -----------------------------------------------------------------------------
 

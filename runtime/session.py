@@ -27,6 +27,9 @@ class SessionOptions:
     library: str | None = None
     # Back the engine's weights with 2 MiB pages where the OS allows it (runtime/hugepages.py; CPU only).
     huge_pages: bool = True
+    # Write ONNX Runtime's per-node profile (chrome-trace JSON) to a file starting with this path; the `ort`
+    # backend only. `OrtSession.end_profiling()` closes it and says where it is (runtime/step_profile.py reads it).
+    profile: str | None = None
 
 
 # The engines' optional input (a default of 0: every position) that asks for the last n positions' logits.

@@ -181,6 +181,9 @@ class TrtSession:
     backend = "trt"
 
     def __init__(self, artifact: artifacts.Artifact, options: SessionOptions):
+        if options.profile:
+            raise BadInputError("SessionOptions(profile=...) is ONNX Runtime's profiler; TensorRT engines are "
+                                "profiled with `trtexec --dumpProfile` or Nsight Systems")
         import tensorrt as trt
 
         self._trt, self._cudart = trt, import_cudart()

@@ -287,3 +287,34 @@ def test_speculation_settings_that_cannot_work_are_refused(engine):
             Service(session, replace(SMALL, speculative="draft"))
     finally:
         session.close()
+
+
+def test_step_profile_splits_each_batch_size_step_among_op_types(engine):
+    from runtime import step_profile
+
+    report = step_profile.measure(engine, [1, 3], context=16, steps=3, warmup=1, threads=1)
+    assert [row["batch"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert "GroupQueryAttention" in row["op_ms"] and "MatMul" in "".join(row["op_ms"])
+        assert sum(row["op_ms"].values()) == pytest.approx(row["step_ms_p50"])
+    lines = step_profile.table(report).splitlines()
+    assert lines[2].split()[:3] == ["1", f"{report['rows'][0]['step_ms_p50']:.2f}", "1.00x"]
+    assert lines[3].split()[0] == "3"
+
+
+def test_step_profile_reads_only_kernel_events_and_refuses_a_profile_without_them():
+    from runtime.step_profile import op_shares
+
+    trace = [{"cat": "Node", "name": "a_kernel_time", "dur": 30, "args": {"op_name": "MatMul"}},
+             {"cat": "Node", "name": "b_kernel_time", "dur": 10, "args": {"op_name": "Add"}},
+             {"cat": "Node", "name": "a_fence_before", "dur": 500, "args": {"op_name": "MatMul"}},
+             {"cat": "Session", "name": "model_run", "dur": 900}]
+    assert op_shares(trace) == {"MatMul": 0.75, "Add": 0.25}
+    with pytest.raises(BadInputError, match="no node timings"):
+        op_shares(trace[2:])
+
+
+def test_end_profiling_needs_a_profiled_session(engine):
+    with runtime.open(engine, SessionOptions(threads=1)) as session:
+        with pytest.raises(BadInputError, match="opened without SessionOptions"):
+            session.end_profiling()
