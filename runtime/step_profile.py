@@ -1,5 +1,5 @@
 """`python -m runtime.step_profile ENGINE --batch 1,4,16 --context 160`: where one decode step's time goes, by op
-type, at several batch sizes.
+type, at several batch sizes (`--tokens 128`: one prefill chunk per row instead).
 
 It runs the step the server runs (the slot cache of `runtime/service.py`: every row at its own length, through
 `OrtSession.run_slots`), so its ratios bound what any scheduler can reach: a stream's inter-token latency at
@@ -40,42 +40,43 @@ def op_shares(trace: list[dict]) -> dict[str, float]:
     return {op: time_ / total for op, time_ in times.most_common()}
 
 
-def _steps(session, batch: int, context: int, steps: int) -> list[float]:
-    """Milliseconds of `steps` decode steps over `batch` slot rows that each hold `context` positions."""
+def _steps(session, batch: int, context: int, tokens: int, steps: int) -> list[float]:
+    """Milliseconds of `steps` runs that append `tokens` positions to each of `batch` slot rows holding `context`."""
     lengths = np.full(batch, context, np.int64)
-    tokens = np.zeros((batch, 1), np.int64)  # the cache's contents and the token do not change the work
+    ids = np.zeros((batch, tokens), np.int64)  # the cache's contents and the tokens do not change the work
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        session.run_slots(0, tokens, lengths)
+        session.run_slots(0, ids, lengths)
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
-def profile_batch(art: artifacts.Artifact, batch: int, context: int, steps: int, warmup: int, threads: int,
-                  folder: Path) -> dict:
+def profile_batch(art: artifacts.Artifact, batch: int, context: int, tokens: int, steps: int, warmup: int,
+                  threads: int, folder: Path) -> dict:
     options = SessionOptions(threads=threads)
     with runtime.open(art, options) as session:
         if not getattr(session, "supports_slots", False):
             raise BadInputError(f"engine {art.id} has no per-row cache lengths (unfused attention); the step "
                                 "profile runs the continuous-batching step: rebuild it with `python -m export.build`")
-        session.open_slots(batch, context + 1)
-        _steps(session, batch, context, warmup)
-        times = _steps(session, batch, context, steps)
+        session.open_slots(batch, context + tokens)
+        _steps(session, batch, context, tokens, warmup)
+        times = _steps(session, batch, context, tokens, steps)
     profiled = SessionOptions(threads=threads, profile=str(folder / f"batch{batch}"))
     with runtime.open(art, profiled) as session:
-        session.open_slots(batch, context + 1)
-        _steps(session, batch, context, warmup + steps)
+        session.open_slots(batch, context + tokens)
+        _steps(session, batch, context, tokens, warmup + steps)
         shares = op_shares(json.loads(Path(session.end_profiling()).read_text()))
     step_ms = float(np.median(times))
-    return {"batch": batch, "context": context, "step_ms_p50": step_ms,
+    return {"batch": batch, "context": context, "tokens": tokens, "step_ms_p50": step_ms,
             "op_ms": {op: share * step_ms for op, share in shares.items()}}
 
 
-def measure(art: artifacts.Artifact, batches: list[int], context: int, steps: int, warmup: int, threads: int
-            ) -> dict:
+def measure(art: artifacts.Artifact, batches: list[int], context: int, steps: int, warmup: int, threads: int,
+            tokens: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="lmforge-profile-") as folder:
-        rows = [profile_batch(art, batch, context, steps, warmup, threads, Path(folder)) for batch in batches]
+        rows = [profile_batch(art, batch, context, tokens, steps, warmup, threads, Path(folder))
+                for batch in batches]
     return {"engine": art.id, "threads": threads, "rows": rows}
 
 
@@ -85,7 +86,7 @@ def table(report: dict, top: int = 6) -> str:
     base = rows[0]
     ops = list(base["op_ms"])[:top]
     header = f"{'batch':>5} {'step ms':>8} {'x':>6}  " + "  ".join(f"{op[:22]:>22}" for op in ops)
-    lines = [f"engine {report['engine']}, {rows[0]['context']} cached positions per row, "
+    lines = [f"engine {report['engine']}, {base['tokens']} new and {base['context']} cached positions per row, "
              f"{report['threads']} threads; per op: ms (x batch {base['batch']})", header]
     for row in rows:
         cells = []
@@ -112,16 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=ints, default=[1, 4, 16], help="rows per step, e.g. 1,4,16")
     parser.add_argument("--context", type=int, default=160,
                         help="cached positions per row (160: the load test's 128-token prompt, halfway through 64)")
+    parser.add_argument("--tokens", type=int, default=1, help="new positions per row per step (1: decode; "
+                        "128: a prefill chunk of the server's default size)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="step_profile.json", help="where to write the full report")
     args = parser.parse_args(argv)
     try:
-        if args.context < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
-            raise BadInputError("need --context >= 1, --steps >= 1, --warmup >= 0 and --threads >= 1")
+        if args.context < 0 or args.tokens < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
+            raise BadInputError("need --context >= 0, --tokens >= 1, --steps >= 1, --warmup >= 0 and --threads >= 1")
         report = measure(artifacts.load(args.artifact), args.batch, args.context, args.steps, args.warmup,
-                         args.threads)
+                         args.threads, args.tokens)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

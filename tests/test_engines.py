@@ -239,3 +239,46 @@ def test_fusion_figures_set_the_kept_norm_fusion_against_onnxscripts_rules(expor
     kept, rules, everything = (int(row[3]) for row in rows)
     assert rules == kept and len(rows[1]) == 4  # no op added or missing
     assert everything > kept
+
+
+def _nbits_model(zero_points: dict[str, np.ndarray], bias: bool):
+    """One MatMulNBits per entry (8-bit, blocks of 32, K=64, N=8) reading input `a`, with those zero points."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outputs = [], [], []
+    for name, zp in zero_points.items():
+        inits += [numpy_helper.from_array(rng.integers(0, 256, (8, 2, 32), dtype=np.uint8), f"{name}.w"),
+                  numpy_helper.from_array((rng.random(16) * 0.01).astype(np.float32), f"{name}.s"),
+                  numpy_helper.from_array(zp, f"{name}.z")]
+        inputs = ["a", f"{name}.w", f"{name}.s", f"{name}.z"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"{name}.b"))
+            inputs += ["", f"{name}.b"]
+        nodes.append(helper.make_node("MatMulNBits", inputs, [name], domain="com.microsoft", K=64, N=8, bits=8,
+                                      block_size=32, accuracy_level=4))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 64])],
+                              outputs, inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_default_zero_points_are_dropped_with_the_same_outputs(bias):
+    import onnxruntime
+
+    from export.graph.nbits import DropDefaultZeroPointsPass
+
+    proto = _nbits_model({"default": np.full(16, 128, np.uint8), "shifted": np.full(16, 120, np.uint8)}, bias)
+    model = ir.from_proto(proto)
+    assert DropDefaultZeroPointsPass()(model).modified
+    nodes = {node.name or node.outputs[0].name: node for node in model.graph}
+    assert nodes["default"].inputs[3:4] == ((None,) if bias else ()) and "default.z" not in model.graph.initializers
+    assert nodes["shifted"].inputs[3].name == "shifted.z"
+    assert len(nodes["default"].inputs) == (6 if bias else 3)
+    a = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    before, after = (onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, {"a": a}) for m in (proto, ir.to_proto(model)))
+    assert all(np.array_equal(x, y) for x, y in zip(before, after))
+    assert not DropDefaultZeroPointsPass()(model).modified  # nothing left to drop

@@ -300,6 +300,8 @@ def test_step_profile_splits_each_batch_size_step_among_op_types(engine):
     lines = step_profile.table(report).splitlines()
     assert lines[2].split()[:3] == ["1", f"{report['rows'][0]['step_ms_p50']:.2f}", "1.00x"]
     assert lines[3].split()[0] == "3"
+    chunk = step_profile.measure(engine, [1], context=0, steps=2, warmup=0, threads=1, tokens=8)["rows"][0]
+    assert chunk["tokens"] == 8 and sum(chunk["op_ms"].values()) == pytest.approx(chunk["step_ms_p50"])
 
 
 def test_step_profile_reads_only_kernel_events_and_refuses_a_profile_without_them():
