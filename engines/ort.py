@@ -6,8 +6,6 @@ fastest, with the ONNX contract's inputs and outputs kept so the runtime drives 
    and for the families whose attention stays as exported, GELU, LayerNorm and reshape fusions.
 3. ONNX Runtime's offline graph optimization for the target provider (Q/DQ -> MatMulIntegerToFloat,
    MatMulNBits, constant folding), saved into the artifact so a session starts without redoing it.
-4. `DropDefaultZeroPointsPass` (export/graph/nbits.py): MatMulNBits loses the zero points step 3 spells out
-   where they are the default, which its CPU kernel runs faster without.
 
 Why step 2 is ONNX Runtime's (legacy) optimizer and not onnxscript's rewrite rules, measured by
 `python -m engines.fusion_figures` (`ci/figures-fusion.sh` reruns it; its output is the figures, in the
@@ -38,7 +36,6 @@ import onnx_ir as ir
 from engines.model_card import CARD, model_card
 from export.graph.attention import AttentionFacts, FuseAttentionPass
 from export.graph.linear import add_initializer
-from export.graph.nbits import DropDefaultZeroPointsPass
 from runtime.accuracy import as_metrics
 from runtime.artifact import MODEL_FILE, Artifact, ArtifactWriter
 from runtime.errors import EXIT_BACKEND_UNAVAILABLE, BadInputError, LmforgeError
@@ -96,15 +93,10 @@ def build_graph(parent: Artifact, destination: Path, config: EngineConfig, work:
     last_logits = add_logits_to_keep(model)
     normed = fuse_norms(model, work)
     del model
-    optimized = work / "optimized.onnx"
-    optimize_offline(normed, optimized, config)
-    model = ir.load(optimized)
-    zero_points = DropDefaultZeroPointsPass()(model).modified
-    ir.save(model, destination, external_data=destination.name + ".data" if _needs_external_data(optimized) else None)
-    after = op_counts(model)
-    return {"attention": reason, "logits_to_keep": last_logits, "default_zero_points_dropped": zero_points,
-            "ops_before": sum(before.values()), "ops_after": sum(after.values()),
-            "op_types_after": dict(after.most_common())}
+    optimize_offline(normed, destination, config)
+    after = op_counts(ir.load(destination))
+    return {"attention": reason, "logits_to_keep": last_logits, "ops_before": sum(before.values()),
+            "ops_after": sum(after.values()), "op_types_after": dict(after.most_common())}
 
 
 def add_logits_to_keep(model: ir.Model) -> bool:
