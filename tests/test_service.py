@@ -289,19 +289,19 @@ def test_speculation_settings_that_cannot_work_are_refused(engine):
         session.close()
 
 
-def test_step_profile_splits_each_batch_size_step_among_op_types(engine):
+def test_step_profile_splits_each_cases_step_among_op_types(engine):
     from runtime import step_profile
 
-    report = step_profile.measure(engine, [1, 3], context=16, steps=3, warmup=1, threads=1)
-    assert [row["batch"] for row in report["rows"]] == [1, 3]
+    report = step_profile.measure(engine, [1, 3], [16], steps=3, warmup=1, threads=1)
+    assert [(row["batch"], row["context"]) for row in report["rows"]] == [(1, 16), (3, 16)]
     for row in report["rows"]:
         assert "GroupQueryAttention" in row["op_ms"] and "MatMul" in "".join(row["op_ms"])
         assert sum(row["op_ms"].values()) == pytest.approx(row["step_ms_p50"])
     lines = step_profile.table(report).splitlines()
-    assert lines[2].split()[:3] == ["1", f"{report['rows'][0]['step_ms_p50']:.2f}", "1.00x"]
-    assert lines[3].split()[0] == "3"
-    chunk = step_profile.measure(engine, [1], context=0, steps=2, warmup=0, threads=1, tokens=8)["rows"][0]
-    assert chunk["tokens"] == 8 and sum(chunk["op_ms"].values()) == pytest.approx(chunk["step_ms_p50"])
+    assert lines[2].split()[:4] == ["1", "16", f"{report['rows'][0]['step_ms_p50']:.2f}", "1.00x"]
+    assert lines[3].split()[:2] == ["3", "16"]
+    chunks = step_profile.measure(engine, [1], [0, 24], steps=2, warmup=0, threads=1, tokens=8)["rows"]
+    assert [(row["context"], row["tokens"]) for row in chunks] == [(0, 8), (24, 8)]
 
 
 def test_step_profile_reads_only_kernel_events_and_refuses_a_profile_without_them():
