@@ -21,7 +21,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from runtime.errors import BadInputError, LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.model_folder import genai_folder
 from runtime.progress import track
-from runtime.report import percentile
+from runtime.report import percentile, publish
 from runtime.session import SessionOptions
 from runtime.speculative import open_speculator
 
@@ -282,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if speculator is not None:
             speculator.close()
-    print(table(report))
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\nfull report: {args.json}")
+    publish(table(report), report, args.json)
     return 0
 
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import runtime
 from runtime import artifact as artifacts
@@ -31,6 +29,7 @@ from runtime.baselines import genai_loop
 from runtime.errors import LmforgeError
 from runtime.generate import GenerationConfig, generate
 from runtime.progress import track
+from runtime.report import publish
 from runtime.session import SessionOptions
 from runtime.speculative import open_speculator
 from runtime.text import load_codec
@@ -222,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for speculator in speculators.values():
             speculator.close()
-    print(table(report))
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\nfull report: {args.json}")
+    publish(table(report), report, args.json)
     return 0
 
 

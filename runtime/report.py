@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 # Endings of an artifact's model files (graph and weights); tokenizer, configs and model card are not read.
 MODEL_FILE_ENDINGS = (".onnx", ".data", ".onnx_data", ".bin", ".plan", ".engine")
 FLOAT_TABLE_BYTES = 4  # exported embedding tables are float32
+
+
+def publish(text: str, report: dict, path: str) -> None:
+    """What every measuring command ends with: its table on stdout, the whole report as JSON at `path`."""
+    print(text)
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"\nfull report: {path}")
 
 
 def percentile(values: list[float], q: float) -> float:

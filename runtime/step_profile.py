@@ -25,6 +25,7 @@ import numpy as np
 import runtime
 from runtime import artifact as artifacts
 from runtime.errors import BadInputError, LmforgeError
+from runtime.report import publish
 from runtime.session import SessionOptions
 
 KERNEL_SUFFIX = "_kernel_time"  # ONNX Runtime's trace event for one node's compute
@@ -150,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(table(report))
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\nfull report: {args.json}")
+    publish(table(report), report, args.json)
     return 0
 
 
