@@ -4,7 +4,9 @@ Each mode's server is a `python -m runtime.serve` subprocess on loopback, starte
 is gone (on a small machine two servers would measure each other). This process streams `/v1/completions` at
 each concurrency and records throughput, client-side TTFT and inter-token latency (p50, p99), errors, the
 server's RSS and the cached prompt tokens it reports; then a shared-system-prompt case, an optional soak on
-the first mode, and the ratios between modes of this very run.
+the first mode, and the ratios between modes of this very run. A ratio to one stream takes the one-stream
+requests sent just before its level (`--baseline-requests`), not the one-stream level minutes earlier: this
+2-core VM's speed drifts by 1.5x within minutes, which would otherwise move the ratio as much as the server does.
 """
 
 from __future__ import annotations
@@ -188,20 +190,29 @@ FIGURES = {"tok/s": lambda row: row["tokens_per_second"], "TTFT p50": lambda row
 
 
 def ratios(rows: list[dict], modes: list[str], soak: dict | None) -> dict[str, float | None]:
-    """The issue's comparisons, named as printed: first mode over second, many streams over one, prefix over none."""
+    """The issue's comparisons, named as printed: first mode over second, many streams over one, prefix over none.
+    A level measured with a one-stream baseline beside it (`row["baseline"]`) is compared with that."""
+    def find(mode: str, clients: int, case: str) -> dict | None:
+        return next((r for r in rows if (r["mode"], r["case"], r["clients"]) == (mode, case, clients)), None)
+
     def get(name: str, mode: str, clients: int, case: str = "plain") -> float | None:
-        row = next((r for r in rows if (r["mode"], r["case"], r["clients"]) == (mode, case, clients)), None)
+        row = find(mode, clients, case)
         return FIGURES[name](row) if row else None
+
+    def to_one_stream(name: str, mode: str, clients: int, case: str = "plain") -> float | None:
+        row = find(mode, clients, case)
+        baseline = (row or {}).get("baseline") or find(mode, 1, "plain")
+        return ratio(FIGURES[name](row), FIGURES[name](baseline)) if row and baseline else None
 
     levels = sorted({r["clients"] for r in rows if r["case"] == "plain"})
     found = {f"{a}/{b} {name} at {c} streams": ratio(get(name, a, c), get(name, b, c))
              for a, b in zip(modes[:1], modes[1:2]) for c in levels for name in ("tok/s", "TTFT p50")}
     for mode in modes:
-        found |= {f"{mode} ITL p50 at {c} streams / 1 stream": ratio(get("ITL p50", mode, c), get("ITL p50", mode, 1))
+        found |= {f"{mode} ITL p50 at {c} streams / 1 stream": to_one_stream("ITL p50", mode, c)
                   for c in levels if c > 1}
         if any(r["case"] == "shared-system" for r in rows):
-            found[f"{mode} shared-system TTFT p50 / plain, 1 stream"] = ratio(
-                get("TTFT p50", mode, 1, "shared-system"), get("TTFT p50", mode, 1))
+            found[f"{mode} shared-system TTFT p50 / plain, 1 stream"] = to_one_stream("TTFT p50", mode, 1,
+                                                                                      "shared-system")
     if soak:
         found |= {"soak errors": soak["errors"], "soak RSS growth %": soak["rss_growth_percent"]}
     return found
@@ -316,13 +327,24 @@ def body_for(codec, args, prefix: list[int], seed: tuple[int, ...]) -> dict:
     return request_body(build_prompt(codec, prefix, args.prompt_tokens, seed, args.prompt_as_text), args.max_tokens)
 
 
+def one_stream_baseline(args, codec, server: ServerProcess, clients: int, case: str) -> dict | None:
+    """`--baseline-requests` plain one-stream requests, sent just before the level (case, clients) they serve."""
+    if not args.baseline_requests or (case, clients) == ("plain", 1):
+        return None
+    seed = (3, clients, int(case != "plain"))  # prompts of their own: no prefix-cache hit from a level's
+    bodies = [[body_for(codec, args, [], (*seed, r)) for r in range(args.baseline_requests)]]
+    warmup = body_for(codec, args, [], (*seed, args.baseline_requests))
+    return asyncio.run(drive_level(server.url, warmup, bodies, args.request_timeout))
+
+
 def run_levels(args, codec, server: ServerProcess, mode: str, case: str, prefix: list[int], report: dict) -> None:
     for clients in args.clients if case == "plain" else args.system_clients:
         # Seeds depend on the level, not the mode: every mode gets the very same prompts.
         warmup = body_for(codec, args, prefix, (0, clients, 0, args.requests))
         bodies = [[body_for(codec, args, prefix, (0, clients, c, r)) for r in range(args.requests)]
                   for c in range(clients)]
-        row = {"mode": mode, "case": case, "clients": clients}
+        row = {"mode": mode, "case": case, "clients": clients,
+               "baseline": one_stream_baseline(args, codec, server, clients, case)}
         row |= asyncio.run(drive_level(server.url, warmup, bodies, args.request_timeout))
         report["rows"].append(row | {"server_rss_mb": server.rss_mb()})
         print(table_line(report["rows"][-1]), flush=True)
@@ -398,6 +420,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=ints, default=[1, 4, 16, 32], help="concurrent streams, e.g. 1,4,16,32")
     parser.add_argument("--requests", type=int, default=4, help="counted requests per client at each level")
+    parser.add_argument("--baseline-requests", type=int, default=3,
+                        help="one-stream requests sent just before each other level, the denominator of its "
+                             "ratio to one stream (0: the one-stream level instead)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--system-tokens", type=int, default=384, help="shared prefix length; 0 skips that case")

@@ -145,6 +145,16 @@ def test_ratios_between_modes_streams_and_cases():
     assert not any(key.startswith("static/") for key in found)  # only the first mode over the second
 
 
+def test_a_level_measured_beside_its_own_one_stream_baseline_is_compared_with_it():
+    beside = level("continuous", "plain", 1, 20, 80, 30)
+    rows = [level("continuous", "plain", 1, 20, 100, 50),
+            level("continuous", "plain", 16, 200, 300, 75) | {"baseline": beside},
+            level("continuous", "shared-system", 1, 20, 120, 50) | {"baseline": beside}]
+    found = loadtest.ratios(rows, ["continuous"], None)
+    assert found["continuous ITL p50 at 16 streams / 1 stream"] == 2.5  # 75 / 30, not 75 / 50
+    assert found["continuous shared-system TTFT p50 / plain, 1 stream"] == 1.5  # 120 / 80
+
+
 def test_rss_from_proc_status_and_its_growth():
     assert loadtest.vmrss_mb("Name:\tpython\nVmPeak:\t  9999 kB\nVmRSS:\t  204800 kB\n") == 200
     assert loadtest.vmrss_mb("Name:\tkthreadd\n") is None
@@ -213,7 +223,8 @@ def test_a_whole_run_against_the_real_server(tiny_engine, tmp_path):
     out = tmp_path / "lt.json"
     result = run_cli("runtime.loadtest", str(tiny_engine.path), "--clients", "1,2", "--requests", "1",
                      "--max-tokens", "4", "--prompt-tokens", "8", "--system-tokens", "8", "--system-clients", "1",
-                     "--modes", "continuous,static", "--threads", "1", "--json", str(out), timeout=300)
+                     "--modes", "continuous,static", "--threads", "1", "--baseline-requests", "1",
+                     "--json", str(out), timeout=300)
     report = json.loads(out.read_text())
     assert result.returncode == 0, result.stdout + result.stderr
     assert [(r["mode"], r["case"], r["clients"]) for r in report["rows"]] == [
@@ -221,6 +232,8 @@ def test_a_whole_run_against_the_real_server(tiny_engine, tmp_path):
         for case, clients in (("plain", 1), ("plain", 2), ("shared-system", 1))]
     for row in report["rows"]:
         assert row["errors"] == 0 and row["requests"] == row["clients"], row["error_samples"]
+        baseline = row["baseline"]  # one stream just before every level but the one-stream one itself
+        assert baseline is None if (row["case"], row["clients"]) == ("plain", 1) else baseline["requests"] == 1
         assert row["tokens_per_second"] > 0 and row["ttft_ms"]["p50"] > 0 and row["server_rss_mb"] > 0
     assert [report["servers"][mode]["health"]["status"] for mode in ("continuous", "static")] == ["ok", "ok"]
     for name in ("continuous/static tok/s at 2 streams", "continuous/static TTFT p50 at 1 streams",
