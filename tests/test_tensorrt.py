@@ -689,3 +689,11 @@ def test_gpu_check_table_puts_verification_beside_latency(tmp_path):
     assert lines[0].split()[:2] == ["precision", "plan"] and set(lines[1]) == {"-"} and len(lines) == 4
     assert lines[3].split()[:5] == ["int8", "id-int8", "2.0", "MB", "+1.50%"]
     assert "0.75" in lines[3] and "1333.3" in lines[3] and "NVIDIA H200 (sm 9.0)" in lines[3]
+
+
+def test_profiling_is_refused_for_a_tensorrt_session_before_anything_loads():
+    from runtime.session import SessionOptions
+    from runtime.trt_session import TrtSession
+
+    with pytest.raises(BadInputError, match="ONNX Runtime's profiler; TensorRT engines are profiled with"):
+        TrtSession(None, SessionOptions(profile="/tmp/never"))
