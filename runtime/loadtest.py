@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import artifact as artifacts
+from runtime.ranges import Range
 from runtime.report import percentile
 
 MODE_FLAGS = {"continuous": [], "static": ["--no-continuous-batching"]}
@@ -420,7 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=ints, default=[1, 4, 16, 32], help="concurrent streams, e.g. 1,4,16,32")
     parser.add_argument("--requests", type=int, default=4, help="counted requests per client at each level")
-    parser.add_argument("--baseline-requests", type=int, default=3,
+    parser.add_argument("--baseline-requests", type=Range("--baseline-requests", low=0).parser(), default=3,
                         help="one-stream requests sent just before each other level, the denominator of its "
                              "ratio to one stream (0: the one-stream level instead)")
     parser.add_argument("--max-tokens", type=int, default=64)

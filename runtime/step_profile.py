@@ -50,11 +50,14 @@ def _case_inputs(batch: int, context: int, tokens: int) -> tuple[np.ndarray, np.
 
 def _open(art: artifacts.Artifact, options: SessionOptions, rows: int, positions: int):
     session = runtime.open(art, options)
-    if not getattr(session, "supports_slots", False):
+    try:
+        if not getattr(session, "supports_slots", False):
+            raise BadInputError(f"engine {art.id} has no per-row cache lengths (unfused attention); the step "
+                                "profile runs the continuous-batching step: rebuild it with `python -m export.build`")
+        session.open_slots(rows, positions)
+    except BaseException:
         session.close()
-        raise BadInputError(f"engine {art.id} has no per-row cache lengths (unfused attention); the step profile "
-                            "runs the continuous-batching step: rebuild it with `python -m export.build`")
-    session.open_slots(rows, positions)
+        raise
     return session
 
 
@@ -87,6 +90,10 @@ def case_shares(art: artifacts.Artifact, batch: int, context: int, tokens: int, 
 
 def measure(art: artifacts.Artifact, batches: list[int], contexts: list[int], steps: int, warmup: int,
             threads: int, tokens: int = 1) -> dict:
+    limit = art.model_facts.get("max_context")
+    if limit and max(contexts) + tokens > limit:
+        raise BadInputError(f"--context {max(contexts)} with --tokens {tokens} exceeds the model's context of "
+                            f"{limit} positions; give a shorter --context or fewer --tokens")
     cases = [(batch, context) for batch in batches for context in contexts]
     times = step_times(art, cases, tokens, steps, warmup, threads)
     rows = []

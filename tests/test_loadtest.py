@@ -145,6 +145,13 @@ def test_ratios_between_modes_streams_and_cases():
     assert not any(key.startswith("static/") for key in found)  # only the first mode over the second
 
 
+def test_a_negative_baseline_count_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        loadtest.parse_args(["engine", "--baseline-requests", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --baseline-requests: -1 is too small; give 0 or more" in capsys.readouterr().err
+
+
 def test_a_level_measured_beside_its_own_one_stream_baseline_is_compared_with_it():
     beside = level("continuous", "plain", 1, 20, 80, 30)
     rows = [level("continuous", "plain", 1, 20, 100, 50),

@@ -302,6 +302,9 @@ def test_step_profile_splits_each_cases_step_among_op_types(engine):
     assert lines[3].split()[:2] == ["3", "16"]
     chunks = step_profile.measure(engine, [1], [0, 24], steps=2, warmup=0, threads=1, tokens=8)["rows"]
     assert [(row["context"], row["tokens"]) for row in chunks] == [(0, 8), (24, 8)]
+    limit = engine.model_facts["max_context"]
+    with pytest.raises(BadInputError, match=f"exceeds the model's context of {limit} positions"):
+        step_profile.measure(engine, [1], [limit], steps=1, warmup=0, threads=1)
 
 
 def test_step_profile_reads_only_kernel_events_and_refuses_a_profile_without_them():
