@@ -15,7 +15,7 @@ from typing import Any
 
 import runtime
 from runtime.artifact import Artifact, ArtifactWriter
-from runtime.bench_speculative import PLAIN, measure_set
+from runtime.bench_speculative import PLAIN, measure_set, runners_of
 from runtime.session import SessionOptions
 from runtime.speculative import open_speculator
 from runtime.text import load_codec
@@ -48,8 +48,8 @@ def run(target: Artifact, candidates: dict[str, Artifact], prompts: list[str], w
         with runtime.open(target, options) as session:
             for ratios, draft in candidates.items():
                 speculators[ratios] = open_speculator("draft", str(draft.path), target, options)
-            measured = measure_set(session, load_codec(target), prompts[: config.prompts], speculators, None,
-                                   config.max_new_tokens, config.threads, STAGE)
+            measured = measure_set(load_codec(target), prompts[: config.prompts], runners_of(session, speculators),
+                                   None, config.max_new_tokens, config.threads, STAGE)
     finally:
         for speculator in speculators.values():
             speculator.close()

@@ -33,7 +33,7 @@ from runtime.model_folder import genai_folder
 from runtime.progress import track
 from runtime.report import percentile, publish
 from runtime.session import SessionOptions
-from runtime.speculative import open_speculator
+from runtime.speculative import EXACT_SPECULATION_HELP, open_speculator
 
 THIS = "lmforge"
 NO_SPECULATION = "lmforge, no speculation"
@@ -190,7 +190,7 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
         for name, run in runners.items():
             results[name].runs.append(run())
     report = {"artifact": str(art.path), "engine_id": art.id, "threads": threads, "provider": options.provider,
-              "huge_pages": options.huge_pages,
+              "huge_pages": options.huge_pages, "exact_speculation": options.exact_speculation,
               "prompt_len": prompt_len,
               "gen_len": gen_len, "runners": {name: m.summary() for name, m in results.items()},
               "steps": {name: m.runs[-1][1] for name, m in results.items()}}  # per-token ms of the last run
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speculative", default=None, metavar="ngram|draft",
                         help="speculative decoding for this runtime, measured against plain decoding in the same run")
     parser.add_argument("--draft", default=None, metavar="ARTIFACT", help="the draft model for --speculative draft")
+    parser.add_argument("--exact-speculation", action="store_true",
+                        help=EXACT_SPECULATION_HELP)
     parser.add_argument("--json", default="bench.json", help="where to write the full report")
     args = parser.parse_args(argv)
     speculator = None
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1 or args.prompt_len < 1 or args.gen_len < 2:
             raise BadInputError("need --runs >= 1, --prompt-len >= 1 and --gen-len >= 2")
         art = artifacts.load(args.artifact)
-        options = SessionOptions(threads=args.threads, provider=args.provider, huge_pages=not args.no_huge_pages)
+        options = SessionOptions(threads=args.threads, provider=args.provider, huge_pages=not args.no_huge_pages,
+                                 exact_speculation=args.exact_speculation)
         compare = tuple(artifacts.load(path) for path in args.compare)
         speculator = open_speculator(args.speculative, args.draft, art, options)
         report = measure(art, args.prompt_len, args.gen_len, args.runs, options, args.warmup,

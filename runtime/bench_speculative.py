@@ -10,18 +10,22 @@ runner's), then prompt lookup, the draft model where `--draft` is given, and onn
 (`--genai`; built once by `python -m export.genai_baseline`, its loop from runtime/baselines.py). Per set:
 ms per output token (decode time / decode tokens), tokens per second (TTFT included), acceptance rate, mean
 accepted length, how many outputs equal no speculation's, and the ratios against no speculation and
-onnxruntime-genai.
+onnxruntime-genai. `--exact-speculation` adds plain decoding and each speculator on a second session with
+SessionOptions(exact_speculation=True); their outputs are compared with each other, and the ratios say what
+exactness costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import runtime
 from runtime import artifact as artifacts
@@ -35,6 +39,7 @@ from runtime.speculative import open_speculator
 from runtime.text import load_codec
 
 PLAIN, NGRAM, DRAFT, GENAI = "no speculation", "ngram", "draft", "onnxruntime-genai int8"
+EXACT = ", exact"  # the runners on the session with SessionOptions(exact_speculation=True)
 # Modules whose documentation the grounded passages come from (module, class and function docstrings).
 PASSAGE_MODULES = ("argparse", "json", "csv", "heapq", "subprocess", "unittest", "itertools", "re", "socket",
                    "uuid", "timeit", "statistics", "random", "configparser", "shelve", "sched", "hashlib",
@@ -92,7 +97,8 @@ class Tally:
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
-    identical: int = 0  # outputs equal to no speculation's
+    identical: int = 0  # outputs equal to those of its plain runner, out of
+    compared: int = 0
     prompts: int = 0
     notes: set = field(default_factory=set)
 
@@ -109,7 +115,7 @@ class Tally:
                 "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
                 "mean_accepted_length": ((self.accepted + self.verify_steps) / self.verify_steps
                                          if self.verify_steps else None),
-                "identical_to_no_speculation": f"{self.identical}/{self.prompts}" if self.drafted else None,
+                "identical_to_plain": f"{self.identical}/{self.compared}" if self.compared else None,
                 "tokens": self.tokens, "notes": sorted(self.notes)}
 
 
@@ -123,43 +129,68 @@ def genai_int8_folder(art: artifacts.Artifact) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def measure_set(session, codec, prompts: list[str], speculators: dict, genai: str | None, gen_len: int,
+@dataclass
+class Runner:
+    """One way of decoding the prompts: a session, and a speculator (None: plain decoding)."""
+
+    session: Any
+    speculator: Any = None
+    plain: str = PLAIN  # the plain runner whose output a speculative one must equal
+
+
+def runners_of(session, speculators: dict, suffix: str = "") -> dict[str, Runner]:
+    """Plain decoding and each speculator on `session`; with a suffix, every name gets it (a second session)."""
+    plain = PLAIN + suffix
+    return {plain: Runner(session, plain=plain)} | {name + suffix: Runner(session, speculator, plain)
+                                                    for name, speculator in speculators.items()}
+
+
+def measure_set(codec, prompts: list[str], runners: dict[str, Runner], genai: str | None, gen_len: int,
                 threads: int, label: str) -> dict:
-    tallies = {name: Tally() for name in [PLAIN, *speculators, *([GENAI] if genai else [])]}
+    """Every runner (PLAIN first among them) and onnxruntime-genai on every prompt, alternated."""
+    tallies = {name: Tally() for name in [*runners, *([GENAI] if genai else [])]}
     for index, text in enumerate(track(prompts, f"[speculative] {label}: {len(prompts)} prompts")):
         ids = codec.encode(codec.render_chat([{"role": "user", "content": text}]) if codec.chat_template else text)
-        plain = generate(session, ids, GenerationConfig(max_new_tokens=gen_len))
+        plain = generate(runners[PLAIN].session, ids, GenerationConfig(max_new_tokens=gen_len))
         tallies[PLAIN].add(plain.report.ttft_ms, plain.report.step_ms)
+        outputs = {PLAIN: plain.tokens[0]}
         length = len(plain.tokens[0])  # every other runner makes exactly these many tokens
         fixed = GenerationConfig(max_new_tokens=length, stop_token_ids=())
-        others = [*speculators, *([GENAI] if genai else [])]
+        others = [name for name in tallies if name != PLAIN]
         shift = index % len(others)  # rotate the order, so no runner always runs right after another
         for name in others[shift:] + others[:shift]:
             if name == GENAI:
                 tallies[name].add(*genai_loop(genai, ids, length, threads)())
                 continue
-            result = generate(session, ids, fixed, speculator=speculators[name])
+            runner = runners[name]
+            result = generate(runner.session, ids, fixed, speculator=runner.speculator)
+            outputs[name] = result.tokens[0]
             report, tally = result.report, tallies[name]
             tally.add(report.ttft_ms, report.step_ms)
             tally.drafted += report.drafted_tokens
             tally.accepted += report.accepted_tokens
             tally.verify_steps += report.verify_steps
-            tally.identical += result.tokens[0] == plain.tokens[0]
             if report.speculation_note:
                 tally.notes.add(report.speculation_note)
-    runners = {name: tally.summary() for name, tally in tallies.items()}
-    return {"prompts": len(prompts), "runners": runners, "ratios": ratios(runners)}
+        for name, runner in runners.items():  # after all ran: an exact runner's plain may run after it
+            if runner.speculator is not None:
+                tallies[name].identical += outputs[name] == outputs[runner.plain]
+                tallies[name].compared += 1
+    summaries = {name: tally.summary() for name, tally in tallies.items()}
+    plains = {name: runner.plain for name, runner in runners.items()}
+    return {"prompts": len(prompts), "runners": summaries, "ratios": ratios(summaries, plains)}
 
 
-def ratios(runners: dict) -> dict:
-    """ms per output token of each speculative runner against no speculation and against onnxruntime-genai."""
+def ratios(runners: dict, plains: dict[str, str] | None = None) -> dict:
+    """ms per output token of each runner against no speculation, against onnxruntime-genai, and where its own
+    plain runner is another (`plains`: name -> that runner), against that one too."""
     out = {}
     for name, figures in runners.items():
         if name in (PLAIN, GENAI):
             continue
-        out[f"{name} / {PLAIN}"] = figures["ms_per_token"] / runners[PLAIN]["ms_per_token"]
-        if GENAI in runners:
-            out[f"{name} / {GENAI}"] = figures["ms_per_token"] / runners[GENAI]["ms_per_token"]
+        for baseline in dict.fromkeys([PLAIN, (plains or {}).get(name, PLAIN), GENAI]):
+            if baseline in runners and baseline != name:
+                out[f"{name} / {baseline}"] = figures["ms_per_token"] / runners[baseline]["ms_per_token"]
     if GENAI in runners:
         out[f"{PLAIN} / {GENAI}"] = runners[PLAIN]["ms_per_token"] / runners[GENAI]["ms_per_token"]
     return out
@@ -174,7 +205,7 @@ def table(report: dict) -> str:
             rows.append((name, f"{s['ms_per_token']:.2f}", f"{s['tokens_per_second']:.1f}",
                          "-" if s["acceptance_rate"] is None else f"{100 * s['acceptance_rate']:.0f}%",
                          "-" if s["mean_accepted_length"] is None else f"{s['mean_accepted_length']:.2f}",
-                         s["identical_to_no_speculation"] or "-"))
+                         s["identical_to_plain"] or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                   for r in rows]
@@ -182,6 +213,14 @@ def table(report: dict) -> str:
         for notes in (s["notes"] for s in data["runners"].values() if s["notes"]):
             lines += [f"  note: {note}" for note in notes]
     return "\n".join(lines)
+
+
+def open_speculators(art: artifacts.Artifact, draft: str | None, options: SessionOptions) -> dict:
+    """Prompt lookup, and the draft model where one is given."""
+    speculators = {NGRAM: open_speculator("ngram", None, art, options)}
+    if draft:
+        speculators[DRAFT] = open_speculator("draft", draft, art, options)
+    return speculators
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N prompts of each set only (0: all)")
     parser.add_argument("--draft", default=None, metavar="ARTIFACT", help="also speculate with this draft model")
     parser.add_argument("--genai", action="store_true", help="also run onnxruntime-genai's int8 model")
+    parser.add_argument("--exact-speculation", action="store_true",
+                        help="also run plain decoding and each speculator on a second session of the engine opened "
+                             "with SessionOptions(exact_speculation=True), compared with each other")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", default="bench_speculative.json", help="where to write the full report")
     args = parser.parse_args(argv)
@@ -204,17 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         art = artifacts.load(args.artifact)
         options = SessionOptions(threads=args.threads)
         genai = genai_int8_folder(art) if args.genai else None
-        with runtime.open(art, options) as session:
-            speculators[NGRAM] = open_speculator("ngram", None, art, options)
-            if args.draft:
-                speculators[DRAFT] = open_speculator("draft", args.draft, art, options)
+        with contextlib.ExitStack() as sessions:
+            session = sessions.enter_context(runtime.open(art, options))
+            speculators = open_speculators(art, args.draft, options)
+            runners = runners_of(session, speculators)
+            if args.exact_speculation:
+                exact = sessions.enter_context(runtime.open(art, replace(options, exact_speculation=True)))
+                exact_speculators = open_speculators(art, args.draft, options)
+                speculators |= {name + EXACT: speculator for name, speculator in exact_speculators.items()}
+                runners |= runners_of(exact, exact_speculators, EXACT)
             codec = load_codec(art)
             report = {"artifact": str(art.path), "engine_id": art.id, "threads": args.threads,
-                      "gen_len": args.gen_len, "sets": {}}
+                      "gen_len": args.gen_len, "exact_speculation": args.exact_speculation, "sets": {}}
             for name in sets:
                 prompts = PROMPT_SETS[name]()[: args.limit or None]
-                report["sets"][name] = measure_set(session, codec, prompts, speculators, genai, args.gen_len,
-                                                   args.threads, name)
+                report["sets"][name] = measure_set(codec, prompts, runners, genai, args.gen_len, args.threads, name)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

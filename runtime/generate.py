@@ -189,6 +189,8 @@ class TextStreamer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.speculative import EXACT_SPECULATION_HELP, open_speculator
+
     parser = argparse.ArgumentParser(prog="python -m runtime.generate", description="Generate text from an artifact")
     parser.add_argument("artifact", help="an artifact folder written by `python -m export.build`")
     parser.add_argument("prompt")
@@ -205,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                              "so far; 'draft' asks a draft model (--draft)")
     parser.add_argument("--draft", default=None, metavar="ARTIFACT",
                         help="the draft model for --speculative draft: an engine with the same tokenizer")
+    parser.add_argument("--exact-speculation", action="store_true",
+                        help=EXACT_SPECULATION_HELP)
     args = parser.parse_args(argv)
 
     import runtime
     from runtime.session import SessionOptions
-    from runtime.speculative import open_speculator
     from runtime.text import load_codec
 
     speculator = None
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
         if args.threads < 1:
             raise BadInputError(f"--threads {args.threads} is not a thread count; give 1 or more")
-        options = SessionOptions(threads=args.threads, provider=args.provider)
+        options = SessionOptions(threads=args.threads, provider=args.provider,
+                                 exact_speculation=args.exact_speculation)
         with runtime.open(args.artifact, options) as session:
             speculator = open_speculator(args.speculative, args.draft, session.artifact, options)
             codec = load_codec(session.artifact)

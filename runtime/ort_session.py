@@ -124,6 +124,11 @@ class OrtSession:
         self._slot_run: list[int] = []  # OrtValues of the last slot run (its inputs and logits), released next run
         self._slot_arrays: list[np.ndarray] = []
         self._closed = False
+        if options.exact_speculation and not self.supports_rollback:
+            self.close()
+            raise BadInputError(f"SessionOptions(exact_speculation=True) needs an engine that rolls its cache back "
+                                f"in place; {artifact.id} does not (unfused attention or a GPU cache): rebuild it "
+                                "fused for the CPU with `python -m export.build`")
 
     # -- set-up -------------------------------------------------------------------------------------------
 
@@ -174,7 +179,23 @@ class OrtSession:
         return self._run(ids, mask, positions, past, owned=owned, arrays=arrays, last_only=last_only)
 
     def decode(self, tokens) -> np.ndarray:
+        if self.options.exact_speculation and self._state is not None and self._room_for_a_pair():
+            return self._decode_as_pair(tokens)
         return self._append("decode", decode_step, tokens, last_only=True)
+
+    def _room_for_a_pair(self) -> bool:
+        """Whether the copy fits in the context (at its very last position a token is decoded alone)."""
+        limit = self.facts.get("max_context")
+        return not limit or self._state.length + 2 <= limit
+
+    def _decode_as_pair(self, tokens) -> np.ndarray:
+        """One decode step as a two-token call, the copy rolled back: the logits of the first position, computed
+        by the multi-row kernels a verify step runs (SessionOptions.exact_speculation)."""
+        column = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        length = self._state.length
+        logits = self.extend(np.concatenate([column, column], axis=1))
+        self.rollback(length + 1)
+        return logits[:, :1]
 
     def extend(self, tokens) -> np.ndarray:
         """Append n tokens per row ([batch, n], or [n] for one row) after the cache in one call and return the

@@ -30,6 +30,12 @@ class SessionOptions:
     # Write ONNX Runtime's per-node profile (chrome-trace JSON) to a file starting with this path; the `ort`
     # backend only. `OrtSession.end_profiling()` closes it and says where it is (runtime/step_profile.py reads it).
     profile: str | None = None
+    # Decode each token in a two-token call (the token twice; the copy's position is rolled back at once), so a
+    # position is computed exactly as a speculative verify step computes it. ONNX Runtime's CPU kernels round a
+    # one-row product differently from a multi-row one, and int8 activation quantization can turn that last bit
+    # into another token where the two best are close. Greedy speculation then gives plain decoding's tokens
+    # exactly; each plain decode step costs more (docs/speculative.md). Fused CPU engines only (the rollback).
+    exact_speculation: bool = False
 
 
 # The engines' optional input (a default of 0: every position) that asks for the last n positions' logits.

@@ -417,6 +417,10 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
     return Speculator(config, draft)
 
 
+EXACT_SPECULATION_HELP = ("decode each token as a verify step computes it, so greedy speculation gives plain "
+                          "decoding's tokens exactly on int8 engines; plain decode steps cost more (fused CPU engines)")
+
+
 def check_speculation_flags(method: str | None, draft_path: str | None) -> None:
     """`--speculative METHOD` and `--draft ARTIFACT` make sense together, before anything loads (`--speculative
     draft` alone takes the draft the engine was built with)."""

@@ -184,6 +184,9 @@ class TrtSession:
         if options.profile:
             raise BadInputError("SessionOptions(profile=...) is ONNX Runtime's profiler; TensorRT engines are "
                                 "profiled with `trtexec --dumpProfile` or Nsight Systems")
+        if options.exact_speculation:
+            raise BadInputError("SessionOptions(exact_speculation=True) needs a fused CPU engine of the `ort` "
+                                "backend; TensorRT engines copy their cache and decode without speculation")
         import tensorrt as trt
 
         self._trt, self._cudart = trt, import_cudart()

@@ -111,6 +111,42 @@ def test_greedy_prompt_lookup_equals_plain_decoding(session, repeating_prompt, c
         assert report.verify_steps > 0 and 0 < report.accepted_tokens < report.drafted_tokens
 
 
+EXACT = SessionOptions(threads=1, exact_speculation=True)
+
+
+def test_exact_speculation_decodes_each_token_as_a_verify_step_computes_it(engine):
+    """Bit for bit, not within a tolerance: that is what makes greedy speculation exact on int8 engines."""
+    prompt, steps = [3, 8, 15, 22, 40, 41, 7], [11, 12, 13, 14, 15]
+    with runtime.open(engine, EXACT) as exact:
+        exact.prefill(np.array([prompt]), last_only=True)
+        one_by_one = []
+        for count, token in enumerate(steps, start=1):
+            one_by_one.append(exact.decode([token])[0, -1].copy())
+            assert exact.cache_length == len(prompt) + count  # the copy was rolled back
+        exact.reset()
+        exact.prefill(np.array([prompt]), last_only=True)
+        together = exact.extend([steps])[0].copy()
+        assert np.array_equal(np.stack(one_by_one), together)
+        # Up to the last position of the context, where there is no room for the copy.
+        limit = engine.model_facts["max_context"]
+        exact.reset()
+        exact.prefill(np.array([[5] * (limit - 2)]), last_only=True)
+        last = [exact.decode([6])[0, -1].copy() for _ in range(2)]
+        assert exact.cache_length == limit and np.isfinite(last).all()
+
+
+def test_exact_speculation_is_refused_where_the_cache_cannot_roll_back(unfused):
+    with pytest.raises(BadInputError, match="needs an engine that rolls its cache back in place"):
+        runtime.open(unfused, EXACT)
+
+
+def test_greedy_exact_speculation_equals_exact_plain_decoding(engine, repeating_prompt):
+    with runtime.open(engine, EXACT) as exact:
+        plain = generate(exact, repeating_prompt, GREEDY_48)
+        speculative = generate(exact, repeating_prompt, GREEDY_48, speculator=Speculator(ALWAYS))
+    assert speculative.tokens == plain.tokens and speculative.report.accepted_tokens > 0
+
+
 class WrongEveryThird(DraftProposer):
     """A draft whose every third proposal is off by one: rejections, and draft-cache rollbacks, every round."""
 
@@ -317,11 +353,15 @@ def test_generate_cli_speculates_and_refuses_bad_flags(engine):
 def test_bench_speculative_cli_reports_ratios(engine, tmp_path):
     out = tmp_path / "figures.json"
     result = run_cli("runtime.bench_speculative", str(engine.path), "--sets", "chat", "--limit", "2",
-                     "--gen-len", "16", "--threads", "1", "--json", str(out))
+                     "--gen-len", "16", "--threads", "1", "--exact-speculation", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())["sets"]["chat"]
-    assert set(data["runners"]) == {"no speculation", "ngram"}
-    assert data["ratios"]["ngram / no speculation"] > 0
+    assert set(data["runners"]) == {"no speculation", "ngram", "no speculation, exact", "ngram, exact"}
+    assert data["runners"]["ngram, exact"]["identical_to_plain"] == "2/2"  # against the exact plain runner
+    for ratio in ("ngram / no speculation", "ngram, exact / no speculation, exact",
+                  "no speculation, exact / no speculation"):
+        assert data["ratios"][ratio] > 0
+    assert "no speculation, exact / no speculation, exact" not in data["ratios"]
 
 
 @pytest.mark.slow
@@ -329,7 +369,8 @@ def test_default_int8_engine_speculates_losslessly(default_int8_engine):
     """The default model's int8 engine, greedy, on grounded tasks: speculation gives plain decoding's tokens
     wherever the engine computes a position the same in a multi-token call as alone; where ONNX Runtime's
     rounding differs between the two (GroupQueryAttention with one query or several, amplified by the int8
-    activation quantization), the token speculation kept is still the argmax of the logits it was given."""
+    activation quantization), the token speculation kept is still the argmax of the logits it was given. With
+    SessionOptions(exact_speculation=True) every output is plain decoding's."""
     from runtime.bench_speculative import grounded_tasks
     from runtime.text import load_codec
 
@@ -352,6 +393,11 @@ def test_default_int8_engine_speculates_losslessly(default_int8_engine):
             assert np.abs(alone - used).max() > 0  # the engine's own numbers differ there, not the rule
         print(f"default int8: {identical}/4 outputs identical to plain decoding, {accepted} drafts accepted")
         assert accepted > 0
+    with runtime.open(default_int8_engine, SessionOptions(threads=2, exact_speculation=True)) as exact:
+        for task in grounded_tasks()[:4]:
+            ids = codec.encode(codec.render_chat([{"role": "user", "content": task}]))
+            plain = generate(exact, ids, config)
+            assert generate(exact, ids, config, speculator=Speculator(ALWAYS)).tokens == plain.tokens
 
 
 class LogitsRecorder:

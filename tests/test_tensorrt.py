@@ -691,9 +691,13 @@ def test_gpu_check_table_puts_verification_beside_latency(tmp_path):
     assert "0.75" in lines[3] and "1333.3" in lines[3] and "NVIDIA H200 (sm 9.0)" in lines[3]
 
 
-def test_profiling_is_refused_for_a_tensorrt_session_before_anything_loads():
+@pytest.mark.parametrize("option, problem", [
+    ({"profile": "/tmp/never"}, "ONNX Runtime's profiler; TensorRT engines are profiled with"),
+    ({"exact_speculation": True}, "exact_speculation=True. needs a fused CPU engine"),
+], ids=["profile", "exact_speculation"])
+def test_ort_only_session_options_are_refused_for_a_tensorrt_session_before_anything_loads(option, problem):
     from runtime.session import SessionOptions
     from runtime.trt_session import TrtSession
 
-    with pytest.raises(BadInputError, match="ONNX Runtime's profiler; TensorRT engines are profiled with"):
-        TrtSession(None, SessionOptions(profile="/tmp/never"))
+    with pytest.raises(BadInputError, match=problem):
+        TrtSession(None, SessionOptions(**option))
