@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -176,7 +176,7 @@ def measure(art: artifacts.Artifact, prompt_len: int, gen_len: int, runs: int, o
         runners[NO_SPECULATION] = this_runtime(art, prompt, gen_len, options)
     for other in compare:  # other artifacts (say, the fp32 parent of an int8 build) through this runtime
         runners[f"{other.stage}-{other.id} ({other.manifest.get('precision')})"] = this_runtime(
-            other, prompt, gen_len, options)
+            other, prompt, gen_len, replace(options, exact_speculation=False))
     if baselines:
         runners["onnxruntime-python"] = plain_onnxruntime(art, prompt, gen_len, threads)
     if genai:

@@ -64,6 +64,15 @@ def shared_env(api: OrtApi) -> ctypes.c_void_p:
         return _ENVS[api.path]
 
 
+ROLLBACK_NEEDS = ("rolls its cache back in place, and this one copies it (unfused attention or a GPU cache): "
+                  "rebuild it fused for the CPU with `python -m export.build`")
+
+
+def rolls_back_in_place(artifact: artifacts.Artifact, options: SessionOptions) -> bool:
+    """Fused attention on the CPU: the cache buffers are shared between past and present (SharedCache)."""
+    return options.provider == "cpu" and artifact.metrics.get("fusion", {}).get("attention") == "fused"
+
+
 class OrtSession:
     backend = "ort"
 
@@ -71,6 +80,8 @@ class OrtSession:
         if options.provider not in PROVIDERS:
             raise BadInputError(f"unknown execution provider {options.provider!r}; choose one of: "
                                 f"{', '.join(PROVIDERS)}")
+        if options.exact_speculation and not rolls_back_in_place(artifact, options):
+            raise BadInputError(f"SessionOptions(exact_speculation=True) needs an engine that {ROLLBACK_NEEDS}")
         self.artifact = artifact
         self.facts = artifact.model_facts
         self.options = options
@@ -113,8 +124,7 @@ class OrtSession:
         self._arrays: list[np.ndarray] = []  # numpy memory those OrtValues view
         self._state: CacheState | None = None
         self._cache_heads = cache_kv_heads(self.facts)
-        shares = bool(options.provider == "cpu" and self._past_names
-                      and artifact.metrics.get("fusion", {}).get("attention") == "fused")
+        shares = bool(self._past_names) and rolls_back_in_place(artifact, options)
         self._kv: SharedCache | CopiedCache = SharedCache(self) if shares else CopiedCache(self)
         # Slots (continuous batching): a fixed cache of `slots` rows, each row its own sequence at its own
         # length, run through the engine's `cache_lengths` input; one IoBinding per row range, made on first use.
@@ -124,11 +134,6 @@ class OrtSession:
         self._slot_run: list[int] = []  # OrtValues of the last slot run (its inputs and logits), released next run
         self._slot_arrays: list[np.ndarray] = []
         self._closed = False
-        if options.exact_speculation and not self.supports_rollback:
-            self.close()
-            raise BadInputError(f"SessionOptions(exact_speculation=True) needs an engine that rolls its cache back "
-                                f"in place; {artifact.id} does not (unfused attention or a GPU cache): rebuild it "
-                                "fused for the CPU with `python -m export.build`")
 
     # -- set-up -------------------------------------------------------------------------------------------
 
@@ -184,14 +189,17 @@ class OrtSession:
         return self._append("decode", decode_step, tokens, last_only=True)
 
     def _room_for_a_pair(self) -> bool:
-        """Whether the copy fits in the context (at its very last position a token is decoded alone)."""
+        """Whether the copy fits: one row (GroupQueryAttention takes several new tokens after a cache only at batch
+        1, as speculation does), and room in the context (at its very last position a token is decoded alone)."""
         limit = self.facts.get("max_context")
-        return not limit or self._state.length + 2 <= limit
+        return self._state.mask.shape[0] == 1 and (not limit or self._state.length + 2 <= limit)
 
     def _decode_as_pair(self, tokens) -> np.ndarray:
         """One decode step as a two-token call, the copy rolled back: the logits of the first position, computed
         by the multi-row kernels a verify step runs (SessionOptions.exact_speculation)."""
         column = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if column.shape[0] != self._state.mask.shape[0]:
+            raise BadInputError(f"decode got {column.shape[0]} tokens for a batch of {self._state.mask.shape[0]}")
         length = self._state.length
         logits = self.extend(np.concatenate([column, column], axis=1))
         self.rollback(length + 1)
@@ -224,8 +232,7 @@ class OrtSession:
         """Keep only the first `length` cached positions (speculative decoding drops its rejected drafts)."""
         self._check_open()
         if not self.supports_rollback:
-            raise BadInputError(f"engine {self.artifact.id} cannot roll its cache back without copying it "
-                                "(unfused attention or a GPU cache); rebuild it fused with `python -m export.build`")
+            raise BadInputError(f"rollback needs an engine that {ROLLBACK_NEEDS}")
         if self._state is None:
             raise BadInputError("rollback called before prefill; call prefill(prompt) first")
         rollback_state(self._state, length)

@@ -34,7 +34,8 @@ class SessionOptions:
     # position is computed exactly as a speculative verify step computes it. ONNX Runtime's CPU kernels round a
     # one-row product differently from a multi-row one, and int8 activation quantization can turn that last bit
     # into another token where the two best are close. Greedy speculation then gives plain decoding's tokens
-    # exactly; each plain decode step costs more (docs/speculative.md). Fused CPU engines only (the rollback).
+    # exactly; each plain decode step costs more (docs/speculative.md). Fused CPU engines only (the rollback); batch
+    # 1 only, as speculation (a batch decodes as without it).
     exact_speculation: bool = False
 
 

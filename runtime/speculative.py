@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -408,7 +408,8 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
     if draft_path is None:
         raise BadInputError(f"engine {target.id} has no draft built with it; pass --draft ARTIFACT (an engine with "
                             "the same tokenizer), or build one with `python -m export.build --draft layers=N`")
-    draft = runtime.open(draft_path, options)
+    # The draft only proposes: its rounding cannot change the target's tokens, so it never pays for exactness.
+    draft = runtime.open(draft_path, replace(options, exact_speculation=False) if options else options)
     try:
         check_same_tokenizer(target, draft.artifact)
     except BadInputError:
@@ -417,8 +418,9 @@ def open_speculator(method: str | None, draft_path: str | None, target, options=
     return Speculator(config, draft)
 
 
-EXACT_SPECULATION_HELP = ("decode each token as a verify step computes it, so greedy speculation gives plain "
-                          "decoding's tokens exactly on int8 engines; plain decode steps cost more (fused CPU engines)")
+EXACT_SPECULATION_HELP = ("decode each token as a verify step computes it, so greedy speculation gives exactly the "
+                          "tokens this session's plain decoding gives, on int8 engines too; plain decode steps cost "
+                          "more (fused CPU engines)")
 
 
 def check_speculation_flags(method: str | None, draft_path: str | None) -> None:

@@ -287,6 +287,9 @@ def test_speculation_settings_that_cannot_work_are_refused(engine):
             Service(session, replace(SMALL, speculative="draft"))
     finally:
         session.close()
+    with runtime.open(engine, SessionOptions(threads=1, exact_speculation=True)) as exact:
+        with pytest.raises(BadInputError, match="share one engine call among requests, so they cannot be exact"):
+            Service(exact, SMALL)
 
 
 def test_step_profile_splits_each_cases_step_among_op_types(engine):
