@@ -239,6 +239,13 @@ def build_parser() -> OneLineParser:
                               "gate, and half of what pruning and distillation fit on); 0: none")
     pruning.add_argument("--distill-steps", type=flag_type(distill.DistillConfig, "steps"), default=0,
                          help="heal the pruned model by this many steps of distillation from the unpruned one")
+    for name, kind, meaning in (("learning_rate", float, "peak learning rate (it decays linearly to 0)"),
+                                ("batch", int, "windows per step"), ("seq_len", int, "tokens per window"),
+                                ("samples", int, "training windows drawn from the text")):
+        default = getattr(distill.DistillConfig, name)
+        pruning.add_argument(range_of(distill.DistillConfig, name).flag,
+                             type=flag_type(distill.DistillConfig, name, kind), default=default,
+                             help=f"distillation's {meaning} (default {default:g})")
     pruning.add_argument("--heal-budget", type=HEAL_BUDGET.parser(float), default=None,
                          help="with --prune-budget and --distill-steps: the perplexity increase the plan may "
                               f"reach before healing (default {HEAL_BUDGET_FACTOR:g}x --prune-budget); the healed "
@@ -301,6 +308,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        trust_remote_code=args.trust_remote_code, calibration=calibration, engine=engine_config,
                        pruning=pruning, distillation=distill.DistillConfig(
                            steps=args.distill_steps, max_increase=args.prune_budget if heal_budget else None,
+                           learning_rate=args.distill_learning_rate, batch=args.distill_batch,
+                           seq_len=args.distill_seq_len, samples=args.distill_samples,
                            allow_accuracy_loss=args.allow_accuracy_loss),
                        tensorrt=tensorrt, report=Path(args.report) if args.report else None,
                        bench_runs=args.bench_runs, bench_prompt=args.bench_prompt, bench_gen=args.bench_gen,

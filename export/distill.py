@@ -30,13 +30,14 @@ class DistillConfig:
     steps: int = ranged(0, "--distill-steps", low=0)
     # Decays linearly to 0 over the steps: at a constant rate the held-out perplexity swung by 3 points
     # between evaluations 50 steps apart.
-    learning_rate: float = ranged(1e-4, "learning_rate", low=0, low_open=True)
+    # On the default model's 5%-budget plan, 3e-4 and 5e-5 both healed less than 1e-4 (README, "Pruning").
+    learning_rate: float = ranged(1e-4, "--distill-learning-rate", low=0, low_open=True)
     # Windows per step and their length: small, since this runs on CPUs too.
-    batch: int = ranged(2, "batch", low=1)
-    seq_len: int = ranged(128, "seq_len", low=2)  # a next-token loss needs two tokens
+    batch: int = ranged(2, "--distill-batch", low=1)
+    seq_len: int = ranged(128, "--distill-seq-len", low=2)  # a next-token loss needs two tokens
     # Windows drawn from the calibration text: with 64, a 9%-pruned default model healed 54% of its loss in
     # 100 steps and then lost ground (overfitting); with 512, 70% at 100 steps and 77% at 200.
-    samples: int = ranged(512, "samples", low=1)
+    samples: int = ranged(512, "--distill-samples", low=1)
     seed: int = 0
     # The healed model's perplexity increase over the teacher may not exceed this percent (the prune budget,
     # when the plan was made for a larger one to heal); None: no gate.

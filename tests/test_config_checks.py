@@ -39,7 +39,7 @@ CONFIGS = (build.BuildConfig, EngineConfig, TrtConfig, CalibrationConfig, DataCo
     (lambda: PruneConfig(plan_file="/no/such/plan.json"), "--prune-plan /no/such/plan.json does not exist"),
     (lambda: PruneConfig(data=DataConfig(samples=8)), "--prune-samples 8 is too small; give 9 or more"),
     (lambda: DistillConfig(steps=-1), "--distill-steps -1 is too small"),
-    (lambda: DistillConfig(learning_rate=0), "learning_rate 0 must be greater than 0"),
+    (lambda: DistillConfig(learning_rate=0), "--distill-learning-rate 0 must be greater than 0"),
     (lambda: TrtConfig(max_seq=64, opt_seq=128), "--opt-seq 128 is outside 1 to --max-seq"),
     (lambda: ExportConfig(parity_greedy_tokens=0), "parity_greedy_tokens 0 is too small; give 1 or more"),
     (lambda: build.BuildConfig(precisions=("int3",)), "unknown precision int3"),
@@ -84,6 +84,16 @@ def test_every_ranged_flag_is_refused_by_argparse_in_the_words_of_its_config(tmp
             config(**{name: value})
         checked += 1
     assert checked >= 12 and not (tmp_path / "store").exists()
+
+
+def test_the_distillation_flags_reach_its_config(tmp_path):
+    config = build.parse_args(["--prune", "mlp=0.25", "--distill-steps", "4", "--distill-learning-rate", "3e-4",
+                               "--distill-batch", "1", "--distill-seq-len", "256", "--distill-samples", "300",
+                               "--out", str(tmp_path)])
+    settings = config.distillation
+    assert (settings.steps, settings.learning_rate, settings.batch, settings.seq_len, settings.samples) == (
+        4, 3e-4, 1, 256, 300)
+    assert build.parse_args(["--out", str(tmp_path)]).distillation == DistillConfig()
 
 
 def test_a_range_parses_a_flag_as_argparse_expects():
