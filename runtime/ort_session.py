@@ -36,6 +36,7 @@ from runtime.session import (
     check_prompt,
     check_token_ids,
     decode_step,
+    decode_tokens,
     extend_step,
     prefill_state,
     rollback_state,
@@ -197,9 +198,7 @@ class OrtSession:
     def _decode_as_pair(self, tokens) -> np.ndarray:
         """One decode step as a two-token call, the copy rolled back: the logits of the first position, computed
         by the multi-row kernels a verify step runs (SessionOptions.exact_speculation)."""
-        column = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-        if column.shape[0] != self._state.mask.shape[0]:
-            raise BadInputError(f"decode got {column.shape[0]} tokens for a batch of {self._state.mask.shape[0]}")
+        column = decode_tokens(self._state, tokens)
         length = self._state.length
         logits = self.extend(np.concatenate([column, column], axis=1))
         self.rollback(length + 1)

@@ -195,12 +195,12 @@ _STOP = object()  # put on the queue by close(): the worker finishes what runs a
 class Service:
     def __init__(self, session: Session, config: ServiceConfig = ServiceConfig(), metrics=None):
         config.validate()
-        if getattr(getattr(session, "options", None), "exact_speculation", False):
+        options = getattr(session, "options", None)
+        if getattr(options, "exact_speculation", False):
             raise BadInputError("the service's decode steps share one engine call among requests, so they cannot be "
                                 "exact; open its session without SessionOptions(exact_speculation=True)")
         self.session, self.config, self.metrics = session, config, metrics
-        self.speculator = open_speculator(config.speculative, config.draft, session.artifact,
-                                          getattr(session, "options", None))
+        self.speculator = open_speculator(config.speculative, config.draft, session.artifact, options)
         self.max_context = slot_context(session.artifact.model_facts, config)
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._closing = False

@@ -131,12 +131,18 @@ def prefill_state(mask: np.ndarray) -> tuple[CacheState, np.ndarray]:
     return CacheState(mask=mask, next_position=positions[:, -1] + 1, padded=not mask.all()), positions
 
 
+def decode_tokens(state: CacheState, tokens) -> np.ndarray:
+    """A decode step's tokens as input_ids [batch, 1], one per row of the cache."""
+    ids = np.array(tokens, dtype=np.int64).reshape(-1, 1)
+    if ids.shape[0] != state.mask.shape[0]:
+        raise BadInputError(f"decode got {ids.shape[0]} tokens for a batch of {state.mask.shape[0]}")
+    return ids
+
+
 def decode_step(state: CacheState, tokens, facts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids [batch, 1], attention_mask [batch, total+1], position_ids [batch, 1]) for one decode step."""
-    ids = np.array(tokens, dtype=np.int64).reshape(-1, 1)
+    ids = decode_tokens(state, tokens)
     batch = state.mask.shape[0]
-    if ids.shape[0] != batch:
-        raise BadInputError(f"decode got {ids.shape[0]} tokens for a batch of {batch}")
     check_token_ids(ids, facts)
     check_context(state.length + 1, facts)
     if state.padded:

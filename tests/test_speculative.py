@@ -114,30 +114,28 @@ def test_greedy_prompt_lookup_equals_plain_decoding(session, repeating_prompt, c
 EXACT = SessionOptions(threads=1, exact_speculation=True)
 
 
-def one_by_one_and_together(session, prompt, steps) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of `steps` decoded one token at a time, and the same tokens in one extend call, after `prompt`."""
+def one_by_one_and_together(session, prompt, steps) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Logits of `steps` decoded one token at a time, the same tokens in one extend call, after `prompt`, and the
+    cache length after each decode step."""
     session.prefill(np.array([prompt]), last_only=True)
-    one_by_one = np.stack([session.decode([token])[0, -1].copy() for token in steps])
+    one_by_one, lengths = [], []
+    for token in steps:
+        one_by_one.append(session.decode([token])[0, -1].copy())
+        lengths.append(session.cache_length)
     session.reset()
     session.prefill(np.array([prompt]), last_only=True)
-    return one_by_one, session.extend([steps])[0].copy()
+    return np.stack(one_by_one), session.extend([steps])[0].copy(), lengths
 
 
 def test_exact_speculation_decodes_each_token_as_a_verify_step_computes_it(engine, session):
     """Bit for bit, not within a tolerance: that is what makes greedy speculation exact on int8 engines."""
     prompt, steps = [3, 8, 15, 22, 40, 41, 7], [11, 12, 13, 14, 15]
-    if np.array_equal(*one_by_one_and_together(session, prompt, steps)):
+    if np.array_equal(*one_by_one_and_together(session, prompt, steps)[:2]):
         pytest.skip("ONNX Runtime's one-row and multi-row kernels agree on this machine: nothing to tell apart")
     with runtime.open(engine, EXACT) as exact:
-        exact.prefill(np.array([prompt]), last_only=True)
-        one_by_one = []
-        for count, token in enumerate(steps, start=1):
-            one_by_one.append(exact.decode([token])[0, -1].copy())
-            assert exact.cache_length == len(prompt) + count  # the copy was rolled back
-        exact.reset()
-        exact.prefill(np.array([prompt]), last_only=True)
-        together = exact.extend([steps])[0].copy()
-        assert np.array_equal(np.stack(one_by_one), together)
+        one_by_one, together, lengths = one_by_one_and_together(exact, prompt, steps)
+        assert lengths == [len(prompt) + count for count in range(1, len(steps) + 1)]  # each copy was rolled back
+        assert np.array_equal(one_by_one, together)
         # Up to the last position of the context, where there is no room for the copy.
         limit = engine.model_facts["max_context"]
         exact.reset()
