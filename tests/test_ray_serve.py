@@ -40,7 +40,6 @@ pytestmark = pytest.mark.ray
 
 CONFIG = ServiceConfig(max_batch=4, max_context=256, prefill_chunk=16, prefix_cache_mb=1)
 PROMPT = "the quick brown fox"
-LONG = {"max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
 # The main application and the command line's need this key; clients here send it to every server (one that was
 # started without a key ignores it).
 KEY = "sk-ray-test-key"
@@ -294,16 +293,22 @@ def test_a_node_without_the_path_fetches_the_artifact_once_and_verifies_it(clust
 
 
 def load_until(url: str, stop: float, index: int, outcomes: list) -> None:
-    """Requests one after another until `stop`, half of them streamed; each outcome is 'ok' or its error."""
+    """Requests one after another until `stop`, half of them streamed; each outcome is 'ok' (every token it asked
+    for), what came short, or its error. Each client asks for its own length, so a replica's requests end at
+    different steps and it is never empty between them for long."""
     client = openai_client(url, timeout=60)
+    ask = {"model": "tiny", "prompt": f"{index} {PROMPT}", "max_tokens": 100 + 20 * index, "temperature": 0,
+           "extra_body": {"ignore_eos": True}}
     while time.time() < stop:
         try:
             if index % 2:
-                stream = client.completions.create(model="tiny", prompt=f"{index} {PROMPT}", stream=True, **LONG)
-                assert sum(1 for _ in stream) > 0
+                chunks = list(client.completions.create(stream=True, **ask))
+                reason = chunks[-1].choices[0].finish_reason  # in a chunk of its own, after the tokens'
+                tokens = sum(1 for chunk in chunks if chunk.choices[0].finish_reason is None)
             else:
-                client.completions.create(model="tiny", prompt=f"{index} {PROMPT}", **LONG)
-            outcomes.append("ok")
+                answer = client.completions.create(**ask)
+                reason, tokens = answer.choices[0].finish_reason, answer.usage.completion_tokens
+            outcomes.append("ok" if (reason, tokens) == ("length", ask["max_tokens"]) else (reason, tokens))
         except Exception as exc:  # the test sorts them out
             outcomes.append(exc)
 
