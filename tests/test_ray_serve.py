@@ -324,19 +324,14 @@ def active_slots(url: str) -> dict[str, float]:
 def slow_pair(cluster, chat_export):
     """Two slow replicas of their own (the main application's are fast: a scrape that saw one hold requests
     could be followed by a kill that found them finished, and CI once killed a replica that held nothing live)."""
-    port = free_port()
-    serve.run(ray_serve.build_application(str(chat_export.path), ray_serve.ScaleOut(replicas=2, threads=1), CONFIG,
-                                          name="tiny", replica_class=slow_replica_class(),
-                                          listen=("127.0.0.1", port)),
-              name="killed", route_prefix=None)
-    yield f"http://127.0.0.1:{port}"
+    yield serve_slow(chat_export, ray_serve.ScaleOut(replicas=2, threads=1), "killed")
     serve.delete("killed")
 
 
 def test_killing_a_replica_mid_load_costs_only_its_own_requests(slow_pair):
     from prometheus_client.parser import text_string_to_metric_families
 
-    app = slow_pair
+    app = slow_pair  # the rest reads as the main application's tests do
     victim, survivor = list(replicas(app).items())
     outcomes: list = []
     stop = time.time() + 10
@@ -389,13 +384,19 @@ def slow_replica_class():
     return SlowEngineReplica
 
 
+def serve_slow(chat_export, scale: ray_serve.ScaleOut, name: str, config: ServiceConfig = CONFIG) -> str:
+    """An application of slow replicas under `name` that listens itself, as the command line's ingress does (the
+    main application: behind Serve's proxy); its URL."""
+    port = free_port()
+    serve.run(ray_serve.build_application(str(chat_export.path), scale, config, name="tiny",
+                                          replica_class=slow_replica_class(), listen=("127.0.0.1", port)),
+              name=name, route_prefix=None)
+    return f"http://127.0.0.1:{port}"
+
+
 def test_autoscaling_adds_a_replica_when_ongoing_requests_pass_the_target(cluster, chat_export):
     scale = ray_serve.ScaleOut(replicas=1, max_replicas=2, threads=1, target_ongoing=1)
-    port = free_port()
-    serve.run(ray_serve.build_application(str(chat_export.path), scale, CONFIG, name="tiny",
-                                          replica_class=slow_replica_class(), listen=("127.0.0.1", port)),
-              name="autoscaled", route_prefix=None)
-    url = f"http://127.0.0.1:{port}"
+    url = serve_slow(chat_export, scale, "autoscaled")
     try:
         assert ray_serve.engine_status("autoscaled")["running"] == 1
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True}
@@ -417,11 +418,7 @@ DRAIN_S = 6
 def slow_app(cluster, chat_export):
     scale = ray_serve.ScaleOut(replicas=1, threads=1, drain_timeout_s=DRAIN_S)
     config = replace(CONFIG, queue_size=1)  # room for 4 slots + 1 at the replica + 1 queued: 6 requests
-    port = free_port()  # this one listens itself, as the command line's ingress does (the main app: the proxy)
-    serve.run(ray_serve.build_application(str(chat_export.path), scale, config, name="tiny",
-                                          replica_class=slow_replica_class(), listen=("127.0.0.1", port)),
-              name="slow", route_prefix=None)
-    yield f"http://127.0.0.1:{port}"
+    yield serve_slow(chat_export, scale, "slow", config)
     if "slow" in serve.status().applications:
         serve.delete("slow")
 
